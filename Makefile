@@ -1,0 +1,36 @@
+# Every target bootstraps .venv on a fresh machine; re-running is a no-op once installed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# bfcl-eval's loader writes folders into site-packages unless this is set.
+export BFCL_PROJECT_ROOT ?= $(CURDIR)/.bfcl_root
+NO_DEPS_PKGS := bfcl-eval==2026.3.23 google-jetstream==0.2.2
+
+.PHONY: venv demo test test-fast bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps $(NO_DEPS_PKGS)
+	mkdir -p $(BFCL_PROJECT_ROOT)
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/python -m t3rl_jax.main --config=tiny
+
+# 8 fake CPU devices so mesh / context-parallel tests run on one CPU.
+test: venv
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n 2 --dist=loadfile tests
+
+test-fast: venv
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: venv
+	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .bfcl_root
