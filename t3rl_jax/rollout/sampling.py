@@ -1,0 +1,71 @@
+"""Token sampling for rollouts: temperature, top-k, top-p, greedy, with the sampled token's log-prob.
+
+The returned log-prob is log_softmax(logits / temperature) at the sampled token, computed on the *untruncated*
+distribution. That is the quantity the trainer recomputes (it scales logits by the same temperature), so the
+rollout/trainer mismatch metrics compare like with like; top-k/top-p only decide which token is drawn. With
+temperature 0 (greedy) the log-prob is log_softmax(logits).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -jnp.inf
+
+
+def scaled_logits(logits, temperature):
+    """logits [B, V] / temperature [B]; rows with temperature 0 keep their raw logits (greedy)."""
+    t = jnp.asarray(temperature, jnp.float32)
+    t = jnp.broadcast_to(t, logits.shape[:1])
+    safe_t = jnp.where(t > 0, t, 1.0)
+    return logits.astype(jnp.float32) / safe_t[:, None]
+
+
+def top_k_mask(logits, k: int):
+    """Keep the k largest logits of each row (k static; 0 keeps all). Ties at the k-th value are kept."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][:, -1:]
+    return jnp.where(logits >= kth, logits, _NEG_INF)
+
+
+def top_p_mask(logits, top_p):
+    """Nucleus filter: keep the smallest prefix (by descending prob) whose mass reaches top_p [B] (1.0 keeps all).
+
+    The most likely token is always kept, so a row never becomes empty.
+    """
+    top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), logits.shape[:1])
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < top_p[:, None]
+    keep_sorted = keep_sorted.at[:, 0].set(True)
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep, logits, _NEG_INF)
+
+
+def sample(rng, logits, *, temperature, top_p=1.0, top_k: int = 0, use_top_p: bool = False):
+    """Sample one token per row.
+
+    Args:
+      rng: PRNG key.
+      logits: [B, V].
+      temperature: scalar or [B]; 0 means greedy for that row.
+      top_p: scalar or [B] (only applied when ``use_top_p``; static so the sort is compiled only when wanted).
+      top_k: static int, 0 = off.
+    Returns:
+      (tokens [B] int32, logprobs [B] float32).
+    """
+    scaled = scaled_logits(logits, temperature)
+    logprobs_all = jax.nn.log_softmax(scaled, axis=-1)
+    filtered = top_k_mask(scaled, top_k)
+    if use_top_p:
+        filtered = top_p_mask(filtered, top_p)
+    drawn = jax.random.categorical(rng, filtered, axis=-1)
+    greedy = jnp.argmax(scaled, axis=-1)
+    t = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), logits.shape[:1])
+    tokens = jnp.where(t > 0, drawn, greedy).astype(jnp.int32)
+    logprobs = jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
+    return tokens, logprobs
