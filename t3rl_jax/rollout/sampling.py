@@ -69,3 +69,24 @@ def sample(rng, logits, *, temperature, top_p=1.0, top_k: int = 0, use_top_p: bo
     tokens = jnp.where(t > 0, drawn, greedy).astype(jnp.int32)
     logprobs = jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
+
+
+def sample_rows(keys, logits, *, temperature, top_p, top_k: int = 0, use_top_p: bool = False):
+    """Like `sample`, with one PRNG key per row, so a row's draw depends only on its own key.
+
+    Rollouts key each token by (episode seed, token position): the same episode samples the same tokens whatever
+    slot it runs in and whatever else shares the batch.
+    """
+    def one(key, row, t, p):
+        tok, lp = sample(key, row[None], temperature=t[None], top_p=p[None], top_k=top_k, use_top_p=use_top_p)
+        return tok[0], lp[0]
+
+    b = logits.shape[0]
+    t = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,))
+    p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,))
+    return jax.vmap(one)(keys, logits, t, p)
+
+
+def token_keys(seeds, positions):
+    """PRNG key per row from its episode seed [B] and the position [B] of the token being sampled."""
+    return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seeds, positions)

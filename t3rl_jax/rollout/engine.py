@@ -1,0 +1,365 @@
+"""Qwen3Engine: JetStream's `Engine` interface over our Flax Qwen3 with a slot-based KV cache.
+
+Two ways in:
+- JetStream's own API (`prefill` -> `insert` -> `generate`), used by JetStream's orchestrator and gRPC server
+  (`scripts/serve.py`). `prefill` accepts an `existing_prefix` and extends it without recomputing it.
+- The rollout driver's fast path: `extend_slot` appends tokens to a slot's *own* cache in place (multi-turn prefix
+  reuse: a tool response is prefilled on top of the history already cached in that slot), and `generate_steps`
+  runs several decode steps in one jitted call. Re-prefilling the whole history every turn would cost
+  O(turns x context) prefill FLOPs on BFCL conversations that reach tens of thousands of tokens.
+
+Every sampled token is drawn with a key derived from (slot seed, token position), so an episode's tokens do not
+depend on which slot it runs in or on what else is in the batch; log-probs come back with the tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from t3rl_jax.models import kv_cache as kvc
+from t3rl_jax.models.attention import PAD_SEGMENT
+from t3rl_jax.rollout import sampling
+from t3rl_jax.rollout.jetstream_compat import engine_api, tokenizer_api
+
+MIN_PREFILL_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    cache: kvc.KVCache
+    tokens: jax.Array       # [B] int32: last sampled token, fed at the next decode step
+    active: jax.Array       # [B] bool: the slot is generating
+    seeds: jax.Array        # [B] uint32: sampling seed of the slot's episode
+    temperature: jax.Array  # [B] float32
+    top_p: jax.Array        # [B] float32
+    limits: jax.Array       # [B] int32: stop once the cache holds this many tokens
+
+
+def prefill_bucket(length: int, max_length: int) -> int:
+    """Smallest power of two >= length (at least MIN_PREFILL_BUCKET): bounds the number of prefill compilations."""
+    if length > max_length:
+        raise ValueError(f"prefill of {length} tokens exceeds max_prefill_length {max_length}")
+    bucket = MIN_PREFILL_BUCKET
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, max_length)
+
+
+class QwenJetStreamTokenizer(tokenizer_api.Tokenizer):
+    """JetStream tokenizer over the Qwen3 BPE; `<|im_end|>` and `<|endoftext|>` both stop."""
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+
+    def encode(self, s: str, **kwargs):
+        ids = np.asarray(self._tok.encode(s), np.int32)
+        return ids, len(ids)
+
+    def decode(self, token_ids, **kwargs) -> str:
+        return self._tok.decode(token_ids)
+
+    @property
+    def pad_id(self) -> int:
+        return self._tok.pad_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._tok.im_end_id
+
+    @property
+    def bos_id(self) -> int:
+        # Qwen3 has no BOS; JetStream prepends this id to token requests, so callers strip it (see serve.py).
+        return self._tok.im_start_id
+
+    @property
+    def stop_tokens(self) -> set[int]:
+        return set(self._tok.stop_ids)
+
+
+class Qwen3Engine(engine_api.Engine):
+    def __init__(self, model, *, tokenizer=None, max_concurrent_decodes: int = 8, max_prefill_length: int = 4096,
+                 max_cache_length: int = 8192, sampling: SamplingSettings = SamplingSettings(),
+                 cache_dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None, seed: int = 0,
+                 stop_ids: tuple[int, ...] = (151645, 151643)):
+        if max_prefill_length > max_cache_length:
+            raise ValueError(f"max_prefill_length {max_prefill_length} > max_cache_length {max_cache_length}")
+        self._graphdef, self._params, self._rest = nnx.split(model, nnx.Param, ...)
+        self.config = model.config
+        self._tokenizer = tokenizer
+        self._slots = max_concurrent_decodes
+        self._max_prefill = max_prefill_length
+        self.max_cache_length = max_cache_length
+        self.sampling = sampling
+        self._cache_dtype = cache_dtype
+        self._mesh = mesh or jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+        self._seed_counter = np.uint32(seed)
+        self._stop_ids = jnp.asarray(stop_ids, jnp.int32)
+        static = dict(top_k=sampling.top_k, use_top_p=sampling.top_p < 1.0)
+        self._prefill_jit = jax.jit(functools.partial(self._prefill_impl, **static))
+        self._extend_jit = jax.jit(functools.partial(self._extend_impl, **static), donate_argnums=(1,))
+        self._generate_jit = jax.jit(functools.partial(self._generate_impl, **static), donate_argnums=(1,),
+                                     static_argnames=("num_steps",))
+        self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(1,))
+        self._finish_jit = jax.jit(self._finish_impl, donate_argnums=(0,))
+
+    # ------------------------------------------------------------------ params
+    def load_params(self, *args, **kwargs):
+        return self._params
+
+    @property
+    def params(self):
+        return self._params
+
+    def update_params(self, params) -> None:
+        """Use the trainer's parameters in place: same device arrays unless this engine's placement differs."""
+        ours = jax.tree.leaves(self._params)
+        theirs = jax.tree.leaves(params)
+        if len(ours) != len(theirs) or any(a.shape != b.shape for a, b in zip(ours, theirs)):
+            raise ValueError("update_params: parameter tree does not match the engine's model")
+        targets = jax.tree.map(lambda a: a.sharding, self._params)
+        self._params = jax.tree.map(
+            lambda p, s: p if getattr(p, "sharding", None) == s else jax.device_put(p, s), params, targets)
+
+    # ------------------------------------------------------------------ model pieces (traced)
+    def _model(self, params):
+        return nnx.merge(self._graphdef, params, self._rest)
+
+    def _sample_at(self, model, hidden, seeds, positions, temperature, top_p, top_k, use_top_p):
+        logits = model.logits_from_hidden(hidden)
+        keys = sampling.token_keys(seeds, positions)
+        return sampling.sample_rows(keys, logits, temperature=temperature, top_p=top_p, top_k=top_k,
+                                    use_top_p=use_top_p)
+
+    def _run_chunk(self, params, cache, tokens, true_length, seed, temperature, top_p, top_k, use_top_p):
+        """Append tokens[1, T] (first true_length valid) to a one-row cache; sample the next token."""
+        model = self._model(params)
+        t = tokens.shape[1]
+        start = cache.lengths[0]
+        idx = jnp.arange(t, dtype=jnp.int32)
+        positions = (start + idx)[None]
+        segments = (idx < true_length).astype(jnp.int32)[None]
+        hidden, cache = model.hidden_states(tokens.astype(jnp.int32), positions, segments, cache)
+        last = jax.lax.dynamic_index_in_dim(hidden[0], true_length - 1, axis=0, keepdims=True)
+        token, logprob = self._sample_at(model, last, seed[None], (start + true_length)[None], temperature[None],
+                                         top_p[None], top_k, use_top_p)
+        return cache, token, logprob
+
+    # ------------------------------------------------------------------ JetStream API
+    def _prefill_impl(self, params, existing, tokens, true_length, seed, temperature, top_p, *, top_k, use_top_p):
+        t = tokens.shape[1]
+        if existing is None:
+            cache = kvc.KVCache.for_config(self.config, batch=1, max_len=t, dtype=self._cache_dtype)
+        else:
+            cache = existing["cache"]
+
+            def grow(x, axis):
+                pad = [(0, 0)] * x.ndim
+                pad[axis] = (0, t)
+                return jnp.pad(x, pad)
+
+            cache = kvc.KVCache(k=grow(cache.k, 2), v=grow(cache.v, 2), positions=grow(cache.positions, 1),
+                                segment_ids=grow(cache.segment_ids, 1), lengths=cache.lengths)
+        cache, token, logprob = self._run_chunk(params, cache, tokens, true_length, seed, temperature, top_p,
+                                                top_k, use_top_p)
+        return {"cache": cache, "token": token, "logprob": logprob, "seed": seed[None]}
+
+    def prefill(self, *, params, existing_prefix=None, padded_tokens, true_length: int):
+        padded_tokens = jnp.asarray(padded_tokens, jnp.int32)
+        if padded_tokens.ndim == 1:
+            padded_tokens = padded_tokens[None]
+        if existing_prefix is not None:
+            seed = existing_prefix["seed"][0]
+            held = int(existing_prefix["cache"].max_len)
+        else:
+            seed = self._next_seed()
+            held = 0
+        if held + padded_tokens.shape[1] > self.max_cache_length:
+            raise ValueError(f"prefix of {held} + {padded_tokens.shape[1]} tokens exceeds max_cache_length "
+                             f"{self.max_cache_length}")
+        s = self.sampling
+        return self._prefill_jit(params, existing_prefix, padded_tokens, jnp.int32(true_length), jnp.uint32(seed),
+                                 jnp.float32(s.temperature), jnp.float32(s.top_p))
+
+    def _insert_impl(self, prefix, state: DecodeState, slot):
+        src = prefix["cache"]
+        pad = self.max_cache_length - src.max_len
+        row = kvc.KVCache(
+            k=jnp.pad(src.k, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))),
+            v=jnp.pad(src.v, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))),
+            positions=jnp.pad(src.positions, ((0, 0), (0, pad))),
+            segment_ids=jnp.pad(src.segment_ids, ((0, 0), (0, pad)), constant_values=PAD_SEGMENT),
+            lengths=src.lengths)
+        token = prefix["token"][0]
+        return DecodeState(
+            cache=kvc.insert_rows(state.cache, row, slot),
+            tokens=state.tokens.at[slot].set(token),
+            active=state.active.at[slot].set(~jnp.isin(token, self._stop_ids)),
+            seeds=state.seeds.at[slot].set(prefix["seed"][0]),
+            temperature=state.temperature.at[slot].set(self.sampling.temperature),
+            top_p=state.top_p.at[slot].set(self.sampling.top_p),
+            limits=state.limits.at[slot].set(self.max_cache_length))
+
+    def insert(self, prefix, decode_state: DecodeState, slot: int) -> DecodeState:
+        if prefix["cache"].max_len > self.max_cache_length:
+            raise ValueError(f"prefix of {prefix['cache'].max_len} tokens exceeds max_cache_length")
+        return self._insert_jit(prefix, decode_state, jnp.int32(slot))
+
+    def _generate_impl(self, params, state: DecodeState, *, num_steps: int, top_k, use_top_p):
+        model = self._model(params)
+
+        def step(state, _):
+            cache = state.cache
+            positions = cache.lengths[:, None]
+            fits = cache.lengths < state.limits
+            active = state.active & fits
+            segments = active.astype(jnp.int32)[:, None]
+            hidden, cache = model.hidden_states(state.tokens[:, None], positions, segments, cache)
+            token, logprob = self._sample_at(model, hidden[:, 0], state.seeds, positions[:, 0] + 1,
+                                             state.temperature, state.top_p, top_k, use_top_p)
+            token = jnp.where(active, token, state.tokens)
+            still = active & ~jnp.isin(token, self._stop_ids) & (cache.lengths < state.limits)
+            new = dataclasses.replace(state, cache=cache, tokens=token, active=still)
+            return new, (token, logprob, active, cache.lengths)
+
+        state, (tokens, logprobs, valid, lengths) = jax.lax.scan(step, state, None, length=num_steps)
+        return state, tokens, logprobs, valid, lengths
+
+    def generate_steps(self, params, decode_state: DecodeState, num_steps: int):
+        """`num_steps` decode steps in one call -> (state, tokens, logprobs, valid, lengths), each [num_steps, B].
+
+        A slot stops (valid False afterwards) when it samples a stop id or its cache reaches its limit.
+        """
+        return self._generate_jit(params, decode_state, num_steps=num_steps)
+
+    def generate(self, params, decode_state: DecodeState):
+        state, tokens, logprobs, valid, lengths = self._generate_jit(params, decode_state, num_steps=1)
+        logprob_bits = jax.lax.bitcast_convert_type(logprobs[0], jnp.int32)
+        data = jnp.stack([tokens[0], valid[0].astype(jnp.int32), lengths[0], logprob_bits], axis=1)
+        result = engine_api.ResultTokens(data=data, tokens_idx=(0, 1), valid_idx=(1, 2), length_idx=(2, 3),
+                                         samples_per_slot=1)
+        return state, result
+
+    def init_decode_state(self, *args, **kwargs) -> DecodeState:
+        b = self._slots
+        cache = kvc.KVCache.for_config(self.config, batch=b, max_len=self.max_cache_length, dtype=self._cache_dtype)
+        return DecodeState(cache=cache, tokens=jnp.zeros((b,), jnp.int32), active=jnp.zeros((b,), bool),
+                           seeds=jnp.zeros((b,), jnp.uint32), temperature=jnp.ones((b,), jnp.float32),
+                           top_p=jnp.ones((b,), jnp.float32), limits=jnp.zeros((b,), jnp.int32))
+
+    # ------------------------------------------------------------------ driver fast path
+    def _extend_impl(self, params, state: DecodeState, slot, tokens, true_length, reset, seed, temperature, top_p,
+                     limit, *, top_k, use_top_p):
+        c = state.cache
+
+        def take(x, axis):
+            return jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=axis)
+
+        row = kvc.KVCache(k=take(c.k, 1), v=take(c.v, 1), positions=take(c.positions, 0),
+                          segment_ids=take(c.segment_ids, 0), lengths=take(c.lengths, 0))
+        row = kvc.clear_rows(row, jnp.broadcast_to(reset, (1,)))
+        seed = jnp.where(reset, seed, state.seeds[slot])
+        row, token, logprob = self._run_chunk(params, row, tokens, true_length, seed, temperature, top_p,
+                                              top_k, use_top_p)
+        state = DecodeState(
+            cache=kvc.insert_rows(c, row, slot),
+            tokens=state.tokens.at[slot].set(token[0]),
+            active=state.active.at[slot].set(~jnp.isin(token[0], self._stop_ids) & (row.lengths[0] < limit)),
+            seeds=state.seeds.at[slot].set(seed),
+            temperature=state.temperature.at[slot].set(temperature),
+            top_p=state.top_p.at[slot].set(top_p),
+            limits=state.limits.at[slot].set(limit))
+        return state, token[0], logprob[0], row.lengths[0]
+
+    def extend_slot(self, params, decode_state: DecodeState, slot: int, tokens, *, reset: bool, seed: int = 0,
+                    limit: int | None = None, sampling_settings: SamplingSettings | None = None):
+        """Prefill `tokens` on top of slot's cached history (or a fresh history when `reset`) and sample one token.
+
+        Returns (state, token, logprob, cache_length). The sampled token is not yet in the cache: the next decode
+        step feeds it. `limit` caps the slot's cache length for the message about to be generated.
+        """
+        tokens = np.asarray(tokens, np.int32)
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("extend_slot needs at least one token")
+        bucket = prefill_bucket(n, self._max_prefill)
+        padded = np.zeros((1, bucket), np.int32)
+        padded[0, :n] = tokens
+        s = sampling_settings or self.sampling
+        if s.top_k != self.sampling.top_k or (s.top_p < 1.0) != (self.sampling.top_p < 1.0):
+            raise ValueError("per-slot sampling may change temperature and top_p, not top_k or top-p on/off")
+        limit = self.max_cache_length if limit is None else min(limit, self.max_cache_length)
+        return self._extend_jit(self._params if params is None else params, decode_state, jnp.int32(slot),
+                                jnp.asarray(padded), jnp.int32(n), jnp.bool_(reset), jnp.uint32(seed),
+                                jnp.float32(s.temperature), jnp.float32(s.top_p), jnp.int32(limit))
+
+    def _finish_impl(self, state: DecodeState, slot, length):
+        """Stop a slot and cut its cache back to `length` tokens (drops tokens decoded past a stop)."""
+        c = state.cache
+        keep = jnp.arange(c.max_len) < length
+        segs = c.segment_ids.at[slot].set(jnp.where(keep, c.segment_ids[slot], PAD_SEGMENT))
+        cache = dataclasses.replace(c, segment_ids=segs, lengths=c.lengths.at[slot].set(length))
+        return dataclasses.replace(state, cache=cache, active=state.active.at[slot].set(False))
+
+    def finish_slot(self, decode_state: DecodeState, slot: int, length: int) -> DecodeState:
+        return self._finish_jit(decode_state, jnp.int32(slot), jnp.int32(length))
+
+    def _next_seed(self) -> np.uint32:
+        self._seed_counter = np.uint32(self._seed_counter + 1)
+        return self._seed_counter
+
+    # ------------------------------------------------------------------ the rest of the interface
+    def get_prefix_destination_sharding(self) -> Any:
+        replicated = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec())
+        return {"cache": replicated, "token": replicated, "logprob": replicated, "seed": replicated}
+
+    def get_tokenizer(self):
+        from jetstream.engine import tokenizer_pb2
+        return tokenizer_pb2.TokenizerParameters(path=getattr(self._tokenizer, "source_dir", ""))
+
+    def build_tokenizer(self, metadata=None) -> tokenizer_api.Tokenizer:
+        if self._tokenizer is None:
+            raise ValueError("this engine was built without a tokenizer")
+        return QwenJetStreamTokenizer(self._tokenizer)
+
+    @property
+    def max_concurrent_decodes(self) -> int:
+        return self._slots
+
+    @property
+    def samples_per_slot(self) -> int:
+        return 1
+
+    @property
+    def max_prefill_length(self) -> int:
+        return self._max_prefill
+
+    @property
+    def mesh(self) -> jax.sharding.Mesh:
+        return self._mesh
+
+    @property
+    def colocated_cpus(self):
+        return None
