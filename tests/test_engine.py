@@ -138,3 +138,10 @@ def test_limit_and_stop_tokens_deactivate_slot(hf_and_model):
     assert int(state.cache.lengths[0]) == 14
     with pytest.raises(ValueError, match="max_prefill_length"):
         engine.extend_slot(None, state, 1, list(range(100)), reset=True)
+
+
+def test_prefill_buckets_are_few_and_tight():
+    assert [prefill_bucket(n, 8192) for n in (1, 16, 17, 700, 1024, 1025, 2148, 8000)] == \
+        [16, 16, 32, 1024, 1024, 2048, 3072, 8192]
+    with pytest.raises(ValueError, match="max_prefill_length"):
+        prefill_bucket(9000, 8192)

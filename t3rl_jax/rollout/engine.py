@@ -29,6 +29,7 @@ from t3rl_jax.rollout import sampling
 from t3rl_jax.rollout.jetstream_compat import engine_api, tokenizer_api
 
 MIN_PREFILL_BUCKET = 16
+LINEAR_BUCKET_STEP = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +60,18 @@ class DecodeState:
 
 
 def prefill_bucket(length: int, max_length: int) -> int:
-    """Smallest power of two >= length (at least MIN_PREFILL_BUCKET): bounds the number of prefill compilations."""
+    """Padded prefill length: powers of two up to LINEAR_BUCKET_STEP, then multiples of it.
+
+    Bounds the number of prefill compilations while wasting at most LINEAR_BUCKET_STEP tokens on the long BFCL
+    prompts (2k-5k tokens with tools), where doubling would waste up to half the work.
+    """
     if length > max_length:
         raise ValueError(f"prefill of {length} tokens exceeds max_prefill_length {max_length}")
     bucket = MIN_PREFILL_BUCKET
-    while bucket < length:
+    while bucket < length and bucket < LINEAR_BUCKET_STEP:
         bucket *= 2
+    if bucket < length:
+        bucket = -(-length // LINEAR_BUCKET_STEP) * LINEAR_BUCKET_STEP
     return min(bucket, max_length)
 
 
