@@ -1,0 +1,178 @@
+"""The jitted GRPO update: micro-batched forward/backward with gradient accumulation, then one optax step.
+
+A batch is a dict of arrays shaped [micro_batches, rows, length] (see `rl.batching.PackedBatch`, reshaped by
+`micro_batch`). Token log-probs and entropies are computed from the final hidden states one sequence chunk at a
+time under `jax.checkpoint`, and each chunk's vocabulary in slices (`rl.entropy`), so no [rows, length, vocab]
+logits array ever exists: at 18k tokens and Qwen3's 151,936-wide vocabulary it would be 11 GB per row in float32.
+
+Every micro-batch divides by the *whole* batch's aggregation denominator, so accumulated gradients equal one
+full-batch gradient. A non-finite loss or gradient norm skips the update (parameters and optimizer state are kept)
+and is reported in the metrics, so the loop can count consecutive bad steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from t3rl_jax.rl.aggregation import aggregation_denominator
+from t3rl_jax.rl.entropy import logprobs_and_entropy_chunked
+from t3rl_jax.rl.grpo import LossSettings, grpo_loss
+
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask", "rollout_logprobs", "advantages")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    loss: LossSettings
+    temperature: float = 1.0      # logits are scaled as at sampling time, so ratios compare like with like
+    seq_chunk: int = 2048         # tokens per logits chunk
+    vocab_chunk: int = 16384      # vocabulary slice inside a chunk
+    old_logprobs: str = "trainer"  # "trainer": recomputed before the update; "rollout": the engine's own
+
+    def __post_init__(self):
+        if self.old_logprobs not in ("trainer", "rollout"):
+            raise ValueError(f"old_logprobs must be 'trainer' or 'rollout', got {self.old_logprobs!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"training temperature must be > 0, got {self.temperature} (greedy has no log-probs)")
+
+
+def make_optimizer(train_cfg) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping from the `train` config section."""
+    if train_cfg.lr_schedule == "constant":
+        schedule = optax.constant_schedule(train_cfg.lr)
+        if train_cfg.warmup_steps:
+            schedule = optax.linear_schedule(0.0, train_cfg.lr, train_cfg.warmup_steps)
+            schedule = optax.join_schedules([schedule, optax.constant_schedule(train_cfg.lr)],
+                                            [train_cfg.warmup_steps])
+    elif train_cfg.lr_schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, train_cfg.lr, max(train_cfg.warmup_steps, 1),
+                                                      max(train_cfg.num_steps, train_cfg.warmup_steps + 1))
+    else:
+        raise ValueError(f"train.lr_schedule {train_cfg.lr_schedule!r} is not 'constant' or 'cosine'")
+    return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip),
+                       optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay))
+
+
+def micro_batch(batch: dict, num_micro_batches: int) -> dict:
+    """[rows, length] arrays -> [num_micro_batches, rows / num_micro_batches, length]."""
+    out = {}
+    for key in BATCH_KEYS:
+        x = np.asarray(batch[key])
+        if x.shape[0] % num_micro_batches:
+            raise ValueError(f"{x.shape[0]} rows do not split into {num_micro_batches} micro-batches")
+        out[key] = x.reshape(num_micro_batches, x.shape[0] // num_micro_batches, *x.shape[1:])
+    return out
+
+
+def token_logprobs_and_entropy(model, tokens, positions, segment_ids, targets, *, temperature: float,
+                               seq_chunk: int, vocab_chunk: int):
+    """Log-prob of each target token and the entropy of each position's distribution, both [rows, length]."""
+    hidden = model.hidden_states(tokens, positions, segment_ids)
+    rows, length, embed = hidden.shape
+    chunk = min(seq_chunk, length)
+    if length % chunk:
+        raise ValueError(f"sequence length {length} is not a multiple of the logits chunk {chunk}")
+    n = length // chunk
+    h = hidden.reshape(rows, n, chunk, embed).swapaxes(0, 1)
+    t = targets.reshape(rows, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        h_c, t_c = args
+        logits = model.logits_from_hidden(h_c) / temperature
+        return logprobs_and_entropy_chunked(logits, t_c, chunk_size=vocab_chunk)
+
+    logp, ent = jax.lax.map(one, (h, t))
+    return logp.swapaxes(0, 1).reshape(rows, length), ent.swapaxes(0, 1).reshape(rows, length)
+
+
+class GRPOStep:
+    """Holds the model graph and settings; `logprobs` and `update` are jitted with the given shardings."""
+
+    def __init__(self, model, optimizer: optax.GradientTransformation, settings: StepSettings, *,
+                 param_shardings=None, opt_shardings=None, batch_sharding=None, donate: bool = True):
+        self.graphdef, _, self.rest = nnx.split(model, nnx.Param, ...)
+        self.optimizer = optimizer
+        self.settings = settings
+        replicated = None
+        self._logprobs = jax.jit(self._logprobs_impl, in_shardings=(param_shardings, batch_sharding),
+                                 out_shardings=batch_sharding)
+        self._update = jax.jit(
+            self._update_impl,
+            in_shardings=(param_shardings, opt_shardings, batch_sharding, batch_sharding, batch_sharding),
+            out_shardings=(param_shardings, opt_shardings, replicated),
+            donate_argnums=(0, 1) if donate else ())
+
+    def _model(self, params):
+        return nnx.merge(self.graphdef, params, self.rest)
+
+    def _stats(self, params, mb):
+        s = self.settings
+        return token_logprobs_and_entropy(self._model(params), mb["tokens"], mb["positions"], mb["segment_ids"],
+                                          mb["targets"], temperature=s.temperature, seq_chunk=s.seq_chunk,
+                                          vocab_chunk=s.vocab_chunk)
+
+    def _logprobs_impl(self, params, batch):
+        return jax.lax.map(lambda mb: self._stats(params, mb)[0], batch)
+
+    def logprobs(self, params, batch: dict):
+        """Token log-probs [micro, rows, length] under `params` (old policy or reference), no gradient."""
+        return self._logprobs(params, {k: batch[k] for k in BATCH_KEYS})
+
+    def _update_impl(self, params, opt_state, batch, old_logprobs, ref_logprobs):
+        s = self.settings
+        denominator = aggregation_denominator(batch["loss_mask"], s.loss.loss_agg, segment_ids=batch["segment_ids"])
+        denominator = jnp.maximum(denominator, 1.0)
+
+        def loss_fn(p, mb, old, ref):
+            logp, ent = self._stats(p, mb)
+            return grpo_loss(s.loss, logp=logp, old_logp=old, advantages=mb["advantages"], mask=mb["loss_mask"],
+                             entropy=ent, ref_logp=ref if s.loss.needs_reference else None,
+                             rollout_logp=mb["rollout_logprobs"] if s.old_logprobs == "trainer" else None,
+                             segment_ids=mb["segment_ids"], denominator=denominator)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def accumulate(carry, xs):
+            grads, loss_sum = carry
+            mb, old, ref = xs
+            (loss, metrics), g = grad_fn(params, mb, old, ref)
+            return (jax.tree.map(jnp.add, grads, g), loss_sum + loss), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, loss), metrics = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
+                                              (batch, old_logprobs, ref_logprobs))
+        metrics = jax.tree.map(jnp.mean, metrics)  # per-micro-batch ratios averaged; the loss is summed
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = self.optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        metrics.update(loss=loss, grad_norm=grad_norm, skipped_nonfinite=(~finite).astype(jnp.float32),
+                       num_loss_tokens=jnp.sum(batch["loss_mask"]))
+        return keep(new_params, params), keep(new_opt, opt_state), metrics
+
+    def update(self, params, opt_state, batch: dict, *, old_logprobs=None, ref_logprobs=None):
+        """One optimizer step over all micro-batches -> (params, opt_state, metrics)."""
+        batch = {k: batch[k] for k in BATCH_KEYS}
+        if old_logprobs is None:
+            if self.settings.old_logprobs == "trainer":
+                old_logprobs = self.logprobs(params, batch)
+            else:
+                old_logprobs = batch["rollout_logprobs"]
+        if ref_logprobs is None:
+            if self.settings.loss.needs_reference:
+                raise ValueError("kl_coef > 0: pass ref_logprobs from the reference parameters")
+            ref_logprobs = old_logprobs  # unused by the loss; keeps one compiled signature
+        return self._update(params, opt_state, batch, old_logprobs, ref_logprobs)
+
+
+def device_metrics_to_host(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(np.asarray(v)) for k, v in metrics.items()}
