@@ -13,8 +13,6 @@ and is reported in the metrics, so the loop can count consecutive bad steps.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,21 +92,26 @@ def token_logprobs_and_entropy(model, tokens, positions, segment_ids, targets, *
 
 
 class GRPOStep:
-    """Holds the model graph and settings; `logprobs` and `update` are jitted with the given shardings."""
+    """Holds the model graph and settings; three jitted pieces run per micro-batch / per step.
+
+    Micro-batches are looped on the host (one compiled shape whatever the number of micro-batches, which varies
+    with how many tokens a step's rollouts produced); gradients accumulate in a donated buffer.
+    """
 
     def __init__(self, model, optimizer: optax.GradientTransformation, settings: StepSettings, *,
                  param_shardings=None, opt_shardings=None, batch_sharding=None, donate: bool = True):
         self.graphdef, _, self.rest = nnx.split(model, nnx.Param, ...)
         self.optimizer = optimizer
         self.settings = settings
-        replicated = None
         self._logprobs = jax.jit(self._logprobs_impl, in_shardings=(param_shardings, batch_sharding),
                                  out_shardings=batch_sharding)
-        self._update = jax.jit(
-            self._update_impl,
-            in_shardings=(param_shardings, opt_shardings, batch_sharding, batch_sharding, batch_sharding),
-            out_shardings=(param_shardings, opt_shardings, replicated),
-            donate_argnums=(0, 1) if donate else ())
+        self._grad = jax.jit(
+            self._grad_impl,
+            in_shardings=(param_shardings, param_shardings, batch_sharding, batch_sharding, batch_sharding, None),
+            out_shardings=(param_shardings, None), donate_argnums=(1,))
+        self._apply = jax.jit(self._apply_impl, in_shardings=(param_shardings, opt_shardings, param_shardings),
+                              out_shardings=(param_shardings, opt_shardings, None),
+                              donate_argnums=(0, 1, 2) if donate else (2,))
 
     def _model(self, params):
         return nnx.merge(self.graphdef, params, self.rest)
@@ -119,60 +122,73 @@ class GRPOStep:
                                           mb["targets"], temperature=s.temperature, seq_chunk=s.seq_chunk,
                                           vocab_chunk=s.vocab_chunk)
 
-    def _logprobs_impl(self, params, batch):
-        return jax.lax.map(lambda mb: self._stats(params, mb)[0], batch)
+    def _logprobs_impl(self, params, mb):
+        return self._stats(params, mb)[0]
 
     def logprobs(self, params, batch: dict):
         """Token log-probs [micro, rows, length] under `params` (old policy or reference), no gradient."""
-        return self._logprobs(params, {k: batch[k] for k in BATCH_KEYS})
+        return [self._logprobs(params, mb) for mb in _split(batch)]
 
-    def _update_impl(self, params, opt_state, batch, old_logprobs, ref_logprobs):
+    def _grad_impl(self, params, grads, mb, old, ref, denominator):
         s = self.settings
-        denominator = aggregation_denominator(batch["loss_mask"], s.loss.loss_agg, segment_ids=batch["segment_ids"])
-        denominator = jnp.maximum(denominator, 1.0)
 
-        def loss_fn(p, mb, old, ref):
+        def loss_fn(p):
             logp, ent = self._stats(p, mb)
             return grpo_loss(s.loss, logp=logp, old_logp=old, advantages=mb["advantages"], mask=mb["loss_mask"],
                              entropy=ent, ref_logp=ref if s.loss.needs_reference else None,
                              rollout_logp=mb["rollout_logprobs"] if s.old_logprobs == "trainer" else None,
                              segment_ids=mb["segment_ids"], denominator=denominator)
 
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return jax.tree.map(jnp.add, grads, g), metrics
 
-        def accumulate(carry, xs):
-            grads, loss_sum = carry
-            mb, old, ref = xs
-            (loss, metrics), g = grad_fn(params, mb, old, ref)
-            return (jax.tree.map(jnp.add, grads, g), loss_sum + loss), metrics
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, loss), metrics = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
-                                              (batch, old_logprobs, ref_logprobs))
-        metrics = jax.tree.map(jnp.mean, metrics)  # per-micro-batch ratios averaged; the loss is summed
+    def _apply_impl(self, params, opt_state, grads):
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(grad_norm)
         updates, new_opt = self.optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        metrics.update(loss=loss, grad_norm=grad_norm, skipped_nonfinite=(~finite).astype(jnp.float32),
-                       num_loss_tokens=jnp.sum(batch["loss_mask"]))
-        return keep(new_params, params), keep(new_opt, opt_state), metrics
+        return keep(new_params, params), keep(new_opt, opt_state), {"grad_norm": grad_norm}
 
     def update(self, params, opt_state, batch: dict, *, old_logprobs=None, ref_logprobs=None):
-        """One optimizer step over all micro-batches -> (params, opt_state, metrics)."""
-        batch = {k: batch[k] for k in BATCH_KEYS}
+        """One optimizer step over all micro-batches of `batch` ([micro, rows, length] arrays).
+
+        Returns (params, opt_state, metrics); metrics are host floats. The loss is the sum over micro-batches
+        (each divided by the whole batch's denominator); other metrics are averaged over micro-batches.
+        """
+        s = self.settings
+        micro = _split(batch)
         if old_logprobs is None:
-            if self.settings.old_logprobs == "trainer":
+            if s.old_logprobs == "trainer":
                 old_logprobs = self.logprobs(params, batch)
             else:
-                old_logprobs = batch["rollout_logprobs"]
+                old_logprobs = [mb["rollout_logprobs"] for mb in micro]
         if ref_logprobs is None:
-            if self.settings.loss.needs_reference:
+            if s.loss.needs_reference:
                 raise ValueError("kl_coef > 0: pass ref_logprobs from the reference parameters")
             ref_logprobs = old_logprobs  # unused by the loss; keeps one compiled signature
-        return self._update(params, opt_state, batch, old_logprobs, ref_logprobs)
+        length = batch["tokens"].shape[-1]
+        denominator = np.maximum(np.asarray(aggregation_denominator(
+            jnp.asarray(batch["loss_mask"]).reshape(-1, length), s.loss.loss_agg,
+            segment_ids=jnp.asarray(batch["segment_ids"]).reshape(-1, length))), 1.0)
+        grads = jax.tree.map(jnp.zeros_like, params)
+        collected = []
+        for mb, old, ref in zip(micro, old_logprobs, ref_logprobs):
+            grads, metrics = self._grad(params, grads, mb, old, ref, denominator.astype(np.float32))
+            collected.append(metrics)
+        host = [{k: float(np.asarray(v)) for k, v in m.items()} for m in collected]
+        merged = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        merged["loss"] = float(np.sum([m["loss"] for m in host]))
+        merged["pg_loss"] = float(np.sum([m["pg_loss"] for m in host]))
+        params, opt_state, applied = self._apply(params, opt_state, grads)
+        merged["grad_norm"] = float(applied["grad_norm"])
+        finite = np.isfinite(merged["loss"]) and np.isfinite(merged["grad_norm"])
+        merged["skipped_nonfinite"] = 0.0 if finite else 1.0
+        merged["num_loss_tokens"] = float(np.sum(batch["loss_mask"]))
+        merged["num_micro_batches"] = float(len(micro))
+        return params, opt_state, merged
 
 
-def device_metrics_to_host(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(np.asarray(v)) for k, v in metrics.items()}
+def _split(batch: dict) -> list[dict]:
+    n = batch["tokens"].shape[0]
+    return [{k: batch[k][i] for k in BATCH_KEYS} for i in range(n)]
