@@ -1,0 +1,253 @@
+"""Training checkpoints: params, optimizer state and a JSON `extra` block per step, with keep-N and resume.
+
+    ckpt = Checkpointer(f"{workdir}/checkpoints", keep=3, async_save=True)
+    ckpt.save(step, params=params, opt_state=opt_state,
+              extra={"data": it.get_state(), "rng": key_data_as_list, "nan_steps": 0})
+    ...
+    if ckpt.latest_step() is not None:
+        step, params, opt_state, extra = ckpt.restore(
+            abstract_params=abstract_params, abstract_opt_state=abstract_opt_state)
+    ckpt.close()                      # waits for a pending async save
+
+    params = restore_params_only("runs/stage1/checkpoints", abstract_params)   # init_from another run
+
+    with SigtermFlag() as stop:       # the loop checks `stop` after each step, saves and exits 0
+        ...
+
+Layout: `DIRECTORY/<step>/{params,opt_state,extra}` written by one Orbax `CheckpointManager`. `params/` is
+the same Orbax tree layout `t3rl_jax.params_checkpoint` writes, so a step directory can also serve as a params
+checkpoint. Params and opt_state are pytrees of jax arrays (a pure dict from `nnx.to_pure_dict`, an optax
+state, ...). Restores go straight onto the shardings carried by the abstract trees (`jax.ShapeDtypeStruct`
+leaves with `.sharding`; real arrays work too); before anything is read, the stored shapes are compared with
+the abstract ones so a checkpoint of another model shape stops with the offending tensor path and both shapes.
+An interrupted async save leaves only a temporary directory, which Orbax ignores and cleans up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+__all__ = ["CheckpointMismatchError", "Checkpointer", "SigtermFlag", "restore_params_only"]
+
+class CheckpointMismatchError(ValueError):
+    """The stored tree does not fit the model/optimizer it is restored into."""
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _path_str(path) -> str:
+    return "/".join(_key_name(k) for k in path)
+
+
+def _shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
+    """{'a/b/0': shape} for every array-like leaf; None leaves (optax EmptyState, ...) hold nothing."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+    return {_path_str(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def _stored_tree(metadata):
+    """The tree of ArrayMetadata inside whatever Orbax's metadata call returned."""
+    metadata = getattr(metadata, "item_metadata", metadata)
+    return getattr(metadata, "tree", metadata)
+
+
+def check_shapes(stored_metadata, abstract_tree, *, what: str, where: str) -> None:
+    """Raise CheckpointMismatchError naming the first tensor whose path or shape differs."""
+    stored = _shapes_by_path(_stored_tree(stored_metadata))
+    wanted = _shapes_by_path(abstract_tree)
+    for path, shape in wanted.items():
+        if path not in stored:
+            raise CheckpointMismatchError(
+                f"{where}: {what} tensor {path!r} (shape {shape}) is not in the checkpoint; it holds "
+                f"{len(stored)} tensors, e.g. {sorted(stored)[:3]}. The checkpoint is from another model or "
+                f"optimizer.")
+        if stored[path] != shape:
+            raise CheckpointMismatchError(
+                f"{where}: {what} tensor {path!r} has shape {stored[path]} in the checkpoint but {shape} in the "
+                f"model being restored; the checkpoint is from another model shape.")
+    extra = sorted(set(stored) - set(wanted))
+    if extra:
+        raise CheckpointMismatchError(
+            f"{where}: the checkpoint's {what} tensor {extra[0]!r} (shape {stored[extra[0]]}) has no place in "
+            f"the tree being restored ({len(extra)} such tensors); the checkpoint is from another model or "
+            f"optimizer.")
+
+
+def _abstract(tree):
+    """ShapeDtypeStruct leaves with a sharding (a leaf without one goes to the first device)."""
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def one(leaf):
+        sharding = getattr(leaf, "sharding", None) or default
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    return jax.tree.map(one, tree)
+
+
+class Checkpointer:
+    """Orbax CheckpointManager for (params, opt_state, extra) at integer steps; see the module docstring."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool, read_only: bool = False):
+        if keep < 1:
+            raise ValueError(f"checkpoint keep must be >= 1, got {keep}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
+        )
+        # Handlers named up front so a fresh manager can read metadata of steps it did not write.
+        handlers = {
+            "params": ocp.StandardCheckpointHandler(),
+            "opt_state": ocp.StandardCheckpointHandler(),
+            "extra": ocp.JsonCheckpointHandler(),
+        }
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, *, params, opt_state, extra: dict[str, Any]) -> bool:
+        """Write step `step` (in the background when async). False when that step is already saved.
+
+        `extra` must be JSON-serialisable (iterator state, RNG key data as a list of ints, counters).
+        The arrays are copied off the device before this returns, so the caller may update them at once.
+        """
+        if not isinstance(extra, dict):
+            raise TypeError(f"checkpoint extra must be a dict, got {type(extra).__name__}")
+        if step in self._manager.all_steps():
+            return False
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            extra=ocp.args.JsonSave(extra),
+        )
+        return bool(self._manager.save(step, args=args))
+
+    def _resolve_step(self, step: int | None) -> int:
+        self._manager.reload()
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; it holds steps {steps}")
+        return step
+
+    def restore(self, step: int | None = None, *, abstract_params, abstract_opt_state=None):
+        """(step, params, opt_state, extra) of `step` (default: the latest) on the abstract trees' shardings.
+
+        With `abstract_opt_state=None` the optimizer state is not read and None is returned for it.
+        """
+        step = self._resolve_step(step)
+        where = f"checkpoint {self.directory}/{step}"
+        metadata = self._manager.item_metadata(step)
+        check_shapes(metadata["params"], abstract_params, what="params", where=where)
+        items = {"params": ocp.args.StandardRestore(_abstract(abstract_params)), "extra": ocp.args.JsonRestore()}
+        if abstract_opt_state is not None:
+            check_shapes(metadata["opt_state"], abstract_opt_state, what="opt_state", where=where)
+            items["opt_state"] = ocp.args.StandardRestore(_abstract(abstract_opt_state))
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        opt_state = restored["opt_state"] if abstract_opt_state is not None else None
+        return step, restored["params"], opt_state, dict(restored["extra"])
+
+    def restore_params(self, step: int | None = None, *, abstract_params):
+        """Only the params of `step` (default: the latest)."""
+        return self.restore(step, abstract_params=abstract_params)[1]
+
+    def wait(self) -> None:
+        """Block until a pending async save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def restore_params_only(directory_or_checkpoint, abstract_params, *, step: int | None = None):
+    """Params from another run, for `init_from`.
+
+    Accepts a `Checkpointer`, a checkpoint directory of a run (its latest step, or `step`), or a directory that
+    holds a `params/` tree itself (one step of a run, or a `t3rl_jax.params_checkpoint` directory).
+    """
+    if isinstance(directory_or_checkpoint, Checkpointer):
+        return directory_or_checkpoint.restore_params(step, abstract_params=abstract_params)
+    path = os.path.abspath(os.fspath(directory_or_checkpoint))
+    params_dir = os.path.join(path, "params")
+    if os.path.isdir(params_dir):
+        if step is not None:
+            raise ValueError(f"{path} is a single checkpoint (it holds params/); do not pass step={step}")
+        checkpointer = ocp.StandardCheckpointer()
+        check_shapes(checkpointer.metadata(params_dir), abstract_params, what="params", where=f"checkpoint {path}")
+        return checkpointer.restore(params_dir, _abstract(abstract_params))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"init checkpoint {path} does not exist")
+    checkpointer = Checkpointer(path, keep=1, async_save=False, read_only=True)
+    try:
+        if checkpointer.latest_step() is None:
+            raise FileNotFoundError(
+                f"{path} holds neither a params/ tree nor numbered step checkpoints written by Checkpointer")
+        return checkpointer.restore_params(step, abstract_params=abstract_params)
+    finally:
+        checkpointer.close()
+
+
+class SigtermFlag:
+    """A SIGTERM (or `signum`) handler that only sets a flag; the previous handler comes back on close().
+
+    The loop polls `bool(flag)` (or `flag.is_set`) between steps, saves a checkpoint and exits 0. Signal
+    handlers can only be installed from the main thread.
+    """
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("SigtermFlag must be created in the main thread (Python delivers signals there)")
+        self.signum = signum
+        self._event = threading.Event()
+        self._previous = signal.signal(signum, self._handle)
+        self._closed = False
+
+    def _handle(self, signum, frame) -> None:
+        self._event.set()
+
+    @property
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+    def close(self) -> None:
+        if not self._closed:
+            # None means the old handler was not installed from Python; the default action is the safe fallback.
+            signal.signal(self.signum, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,142 @@
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from t3rl_jax.checkpointing import CheckpointMismatchError, Checkpointer, SigtermFlag, restore_params_only
+
+
+def make_params(seed=0, width=8):
+    rng = np.random.default_rng(seed)
+    return {
+        "embed": jnp.asarray(rng.normal(size=(16, width)), jnp.float32),
+        "layers": {"q_proj": jnp.asarray(rng.normal(size=(2, width, width)), jnp.float32),
+                   "norm": jnp.asarray(rng.normal(size=(2, width)), jnp.float32)},
+    }
+
+
+def make_opt_state(params):
+    opt = optax.adamw(1e-2, weight_decay=0.01)
+    state = opt.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, state = opt.update(grads, state, params)  # non-trivial mu / nu / count
+    return state
+
+
+def abstract(tree, sharding=None):
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_restores_params_opt_state_and_extra_onto_given_sharding(tmp_path):
+    params = make_params()
+    opt_state = make_opt_state(params)
+    extra = {"data": {"next_index": 7}, "rng": [0, 42], "nan_steps": 1}
+    with Checkpointer(tmp_path / "ckpt", keep=2, async_save=False) as ckpt:
+        assert ckpt.latest_step() is None
+        assert ckpt.save(3, params=params, opt_state=opt_state, extra=extra)
+        assert not ckpt.save(3, params=params, opt_state=opt_state, extra=extra)  # same step: no-op
+        assert ckpt.latest_step() == 3
+
+    mesh = jax.make_mesh((len(jax.devices()),), ("fsdp",), axis_types=(jax.sharding.AxisType.Explicit,))
+    sharded = NamedSharding(mesh, P("fsdp"))  # leading dims 16 and 2 divide / replicate across 8 devices
+    abs_params = {"embed": jax.ShapeDtypeStruct((16, 8), jnp.float32, sharding=sharded),
+                  "layers": abstract(params["layers"])}
+    reopened = Checkpointer(tmp_path / "ckpt", keep=2, async_save=False)
+    step, got_params, got_opt, got_extra = reopened.restore(abstract_params=abs_params,
+                                                            abstract_opt_state=abstract(opt_state))
+    reopened.close()
+    assert step == 3 and got_extra == extra
+    assert_trees_equal(got_params, params)
+    assert_trees_equal(got_opt, opt_state)
+    assert type(got_opt[0]).__name__ == "ScaleByAdamState"
+    assert got_params["embed"].sharding == sharded
+
+
+def test_keep_n_prunes_oldest(tmp_path):
+    params = make_params()
+    opt_state = make_opt_state(params)
+    ckpt = Checkpointer(tmp_path, keep=2, async_save=False)
+    for step in (1, 2, 3, 4):
+        ckpt.save(step, params=params, opt_state=opt_state, extra={"step": step})
+    ckpt.wait()
+    assert ckpt.all_steps() == [3, 4]
+    assert sorted(p for p in os.listdir(tmp_path) if p.isdigit()) == ["3", "4"]
+    _, _, _, extra = ckpt.restore(3, abstract_params=abstract(params), abstract_opt_state=abstract(opt_state))
+    assert extra == {"step": 3}
+    with pytest.raises(FileNotFoundError, match="step 1 .*holds steps \\[3, 4\\]"):
+        ckpt.restore(1, abstract_params=abstract(params))
+    ckpt.close()
+
+
+def test_async_save_then_wait_is_restorable_and_caller_may_overwrite_arrays(tmp_path):
+    params = make_params(seed=1)
+    opt_state = make_opt_state(params)
+    ckpt = Checkpointer(tmp_path, keep=3, async_save=True)
+    ckpt.save(5, params=params, opt_state=opt_state, extra={"k": "v"})
+    expected = jax.tree.map(np.asarray, params)
+    params = jax.tree.map(lambda x: x + 1.0, params)  # the loop moves on while the save runs
+    ckpt.wait()
+    step, restored, opt, extra = ckpt.restore(abstract_params=abstract(params))
+    ckpt.close()
+    assert step == 5 and opt is None and extra == {"k": "v"}
+    assert_trees_equal(restored, expected)
+
+
+def test_other_model_shape_names_the_tensor_and_both_shapes(tmp_path):
+    params = make_params(width=8)
+    ckpt = Checkpointer(tmp_path, keep=1, async_save=False)
+    ckpt.save(1, params=params, opt_state=make_opt_state(params), extra={})
+    wider = make_params(width=12)
+    with pytest.raises(CheckpointMismatchError, match=r"'embed' has shape \(16, 8\) in the checkpoint but \(16, 12\)"):
+        ckpt.restore(abstract_params=abstract(wider))
+    renamed = {"embed": params["embed"], "layers": {"k_proj": params["layers"]["q_proj"],
+                                                    "norm": params["layers"]["norm"]}}
+    with pytest.raises(CheckpointMismatchError, match="'layers/k_proj'.*not in the checkpoint"):
+        ckpt.restore(abstract_params=abstract(renamed))
+    with pytest.raises(CheckpointMismatchError, match="opt_state tensor '0/mu/embed'"):
+        ckpt.restore(abstract_params=abstract(params), abstract_opt_state=abstract(make_opt_state(wider)))
+    ckpt.close()
+
+
+def test_restore_params_only_from_run_dir_step_dir_and_missing(tmp_path):
+    params = make_params(seed=2)
+    ckpt = Checkpointer(tmp_path / "run", keep=2, async_save=False)
+    ckpt.save(4, params=params, opt_state=make_opt_state(params), extra={})
+    ckpt.close()
+    assert_trees_equal(restore_params_only(tmp_path / "run", abstract(params)), params)
+    assert_trees_equal(restore_params_only(tmp_path / "run" / "4", abstract(params)), params)
+    with pytest.raises(CheckpointMismatchError, match=r"'embed' has shape \(16, 8\) in the checkpoint but \(16, 4\)"):
+        restore_params_only(tmp_path / "run" / "4", abstract(make_params(width=4)))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        restore_params_only(tmp_path / "nowhere", abstract(params))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither a params/ tree nor numbered step"):
+        restore_params_only(tmp_path / "empty", abstract(params))
+
+
+def test_sigterm_sets_flag_and_close_restores_previous_handler():
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        flag = SigtermFlag()
+        assert not flag
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.is_set and bool(flag)
+        assert seen == []  # the flag's handler replaced the old one
+        flag.close()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
