@@ -1,0 +1,132 @@
+import os
+import signal
+import time
+
+import pytest
+
+from environments.bfcl import catalog
+from environments.bfcl.episode import Episode
+from environments.bfcl.pool import EnvPool, EnvRequestError, EpisodeFailed, PoolFullError
+
+MATH_ENTRY = "multi_turn_base_15"  # involves MathAPI
+# 7 ** 10**9 as an int takes far longer than any step limit: a real call a model could make.
+HANG = [{"name": "power", "arguments": {"base": 7, "exponent": 10**9}}]
+WAIT = 60
+
+
+def _replay(remote, entry, wait=WAIT):
+    outputs = []
+    for calls in entry.ground_truth:
+        if calls:
+            outputs.append(remote.step(list(calls)).result(wait))
+        turn_end = remote.end_turn().result(wait)
+    assert turn_end.next_messages is None
+    return outputs, remote.finish().result(wait)
+
+
+def _local_outputs(entry):
+    episode = Episode(entry.id)
+    return [episode.step(list(calls)) for calls in entry.ground_truth if calls]
+
+
+def test_in_process_pool_has_the_same_interface():
+    with EnvPool(0) as pool:
+        entry = catalog.load_entry("multi_turn_miss_func_0")
+        remote = pool.open(entry.id)
+        start = remote.started.result(0)
+        assert start.num_turns == entry.num_turns and start.first_messages == entry.turn_messages(0)
+        assert start.tools == catalog.tool_schemas_at(entry, 0)
+        outputs, result = _replay(remote, entry, wait=0)
+        assert outputs == _local_outputs(entry) and result.progress == 1.0 and not result.failed
+        assert pool.open_episodes == 0
+        with pytest.raises(EnvRequestError, match="no open episode"):
+            remote.step([{"name": "ls", "arguments": {}}]).result(0)
+
+
+def test_worker_results_equal_in_process_results_and_overlap():
+    ids = [catalog.entry_ids(c)[i] for c in catalog.CATEGORIES for i in (0, 7, 151)]
+    ids = [i for i in ids if catalog.load_entry(i).ground_truth[0]]
+    with EnvPool(2, step_timeout_s=WAIT) as pool:
+        remotes = [pool.open(i) for i in ids]
+        assert abs(len(pool._workers[0].episodes) - len(pool._workers[1].episodes)) <= 1
+        # Submit the first step of every episode before waiting on any of them.
+        firsts = [r.step(list(catalog.load_entry(r.entry_id).ground_truth[0])) for r in remotes]
+        for remote, first in zip(remotes, firsts):
+            entry = catalog.load_entry(remote.entry_id)
+            assert first.result(WAIT) == _local_outputs(entry)[0]
+            remote.end_turn().result(WAIT)
+            for calls in entry.ground_truth[1:]:
+                if calls:
+                    remote.step(list(calls))
+                end = remote.end_turn()
+            assert end.result(WAIT).next_messages is None
+            assert remote.finish().result(WAIT).progress == 1.0
+        assert pool.open_episodes == 0 and pool.restarts == 0
+
+
+def test_step_timeout_replaces_worker_and_fails_its_episodes():
+    with EnvPool(1, step_timeout_s=1.0) as pool:
+        pool.open(MATH_ENTRY).started.result(WAIT)  # worker warm: catalog loaded
+        old_pid = pool.worker_pids()[0]
+        bystander = pool.open("multi_turn_base_0")
+        bystander.started.result(WAIT)
+        hung = pool.open(MATH_ENTRY)
+        started = time.monotonic()
+        with pytest.raises(EpisodeFailed, match="exceeded 1s"):
+            hung.step(HANG).result(WAIT)
+        assert time.monotonic() - started < 10
+        result = hung.finish().result(WAIT)
+        assert result.failed and result.reward == 0.0 and "exceeded" in result.failure_reason
+        assert result.num_turns == catalog.load_entry(MATH_ENTRY).num_turns
+        with pytest.raises(EpisodeFailed):  # its state was lost with the worker
+            bystander.step([{"name": "ls", "arguments": {}}]).result(WAIT)
+        assert bystander.finish().result(WAIT).failed
+        assert pool.restarts == 1 and pool.worker_pids()[0] != old_pid
+        entry = catalog.load_entry("multi_turn_base_3")
+        _, fresh = _replay(pool.open(entry.id), entry)
+        assert fresh.progress == 1.0
+
+
+def test_crashed_worker_is_replaced():
+    with EnvPool(1, step_timeout_s=WAIT) as pool:
+        remote = pool.open("multi_turn_base_0")
+        remote.started.result(WAIT)
+        os.kill(pool.worker_pids()[0], signal.SIGKILL)
+        with pytest.raises(EpisodeFailed, match="exited"):
+            remote.step([{"name": "ls", "arguments": {}}]).result(WAIT)
+        assert remote.finish().result(WAIT).failure_reason.startswith("worker process exited")
+        entry = catalog.load_entry("multi_turn_base_1")
+        _, result = _replay(pool.open(entry.id), entry)
+        assert result.progress == 1.0 and pool.restarts == 1
+
+
+def test_capacity_recycling_and_refused_requests():
+    with EnvPool(1, step_timeout_s=WAIT, max_episodes_per_worker=2, recycle_after=3) as pool:
+        a, b = pool.open("multi_turn_base_0"), pool.open("multi_turn_base_1")
+        with pytest.raises(PoolFullError):
+            pool.open("multi_turn_base_2")
+        with pytest.raises(EnvRequestError, match="record_text_reply"):
+            a.step([]).result(WAIT)  # refused, but the episode lives on
+        assert a.step([{"name": "pwd", "arguments": {}}]).result(WAIT)
+        first_pid = pool.worker_pids()[0]
+        a.finish().result(WAIT)
+        b.finish().result(WAIT)
+        c = pool.open("multi_turn_base_2")  # third episode: the worker is due for recycling once idle
+        c.finish().result(WAIT)
+        deadline = time.monotonic() + WAIT
+        while pool.worker_pids()[0] == first_pid and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pool.worker_pids()[0] != first_pid
+        d = pool.open("multi_turn_base_4")
+        assert d.started.result(WAIT).entry_id == "multi_turn_base_4"
+        d.finish().result(WAIT)
+
+
+def test_bad_configuration_is_refused():
+    with pytest.raises(ValueError, match="fork"):
+        EnvPool(1, start_method="fork")
+    with pytest.raises(ValueError, match="num_workers"):
+        EnvPool(-1)
+    with EnvPool(0) as pool:
+        with pytest.raises(EnvRequestError, match="multi_turn_base_999"):
+            pool.open("multi_turn_base_999").started.result(0)
