@@ -1,0 +1,100 @@
+"""KV cache for batched, continuous decoding.
+
+Each batch row is an independent slot with its own fill level. Cached keys carry their
+positions and segment ids, so attention over the cache uses the very same masking rule as
+training (`attention.attend`): unfilled slots have segment 0 and are never seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from t3rl_jax.models.attention import PAD_SEGMENT
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    k: jax.Array  # [layers, B, S_max, kv_heads, head_dim], keys stored after RoPE
+    v: jax.Array  # [layers, B, S_max, kv_heads, head_dim]
+    positions: jax.Array  # [B, S_max] int32
+    segment_ids: jax.Array  # [B, S_max] int32, PAD_SEGMENT where unfilled
+    lengths: jax.Array  # [B] int32, filled slots per row (writes go at this offset)
+
+    @classmethod
+    def init(cls, *, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+             dtype=jnp.float32) -> "KVCache":
+        shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   positions=jnp.zeros((batch, max_len), jnp.int32),
+                   segment_ids=jnp.full((batch, max_len), PAD_SEGMENT, jnp.int32),
+                   lengths=jnp.zeros((batch,), jnp.int32))
+
+    @classmethod
+    def for_config(cls, config, *, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+        return cls.init(num_layers=config.num_layers, batch=batch, max_len=max_len,
+                        num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=dtype)
+
+    @property
+    def max_len(self) -> int:
+        return self.segment_ids.shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.segment_ids.shape[0]
+
+    @staticmethod
+    def logical_axes() -> "KVCache":
+        """Logical axis names per field, for the sharding layer (same tree structure as a cache)."""
+        kv = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+        return KVCache(k=kv, v=kv, positions=("batch", "cache_length"), segment_ids=("batch", "cache_length"),
+                       lengths=("batch",))
+
+
+def write_indices(lengths: jax.Array, segment_ids: jax.Array, max_len: int) -> jax.Array:
+    """Cache slot [B, T] for each new token: valid tokens go consecutively after the row's fill
+    level, wherever padding sits in the chunk; padding gets `max_len` (out of range, dropped)."""
+    valid = segment_ids != PAD_SEGMENT
+    offsets = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1
+    return jnp.where(valid, lengths[:, None] + offsets, max_len)
+
+
+def append_tokens(cache: KVCache, positions: jax.Array, segment_ids: jax.Array) -> tuple[KVCache, jax.Array]:
+    """Record the new tokens' positions / segment ids; returns (cache, write indices).
+
+    The caller must leave room: tokens past `max_len` are dropped (lengths saturate at max_len),
+    so an engine checks capacity on the host before decoding.
+    """
+    idx = write_indices(cache.lengths, segment_ids, cache.max_len)
+    rows = jnp.arange(cache.batch)[:, None]
+    new_positions = cache.positions.at[rows, idx].set(positions.astype(jnp.int32), mode="drop")
+    new_segments = cache.segment_ids.at[rows, idx].set(segment_ids.astype(jnp.int32), mode="drop")
+    added = jnp.sum(segment_ids != PAD_SEGMENT, axis=1, dtype=jnp.int32)
+    lengths = jnp.minimum(cache.lengths + added, cache.max_len)
+    return dataclasses.replace(cache, positions=new_positions, segment_ids=new_segments, lengths=lengths), idx
+
+
+def insert_rows(cache: KVCache, rows: KVCache, slot) -> KVCache:
+    """Copy a (prefill) cache of b rows into slots [slot, slot + b) of `cache` (same max_len)."""
+    if rows.max_len != cache.max_len:
+        raise ValueError(f"insert_rows: prefix max_len {rows.max_len} != cache max_len {cache.max_len}")
+
+    def put(dst, src, batch_axis):
+        start = [0] * dst.ndim
+        start[batch_axis] = slot
+        return jax.lax.dynamic_update_slice(dst, src.astype(dst.dtype), tuple(start))
+
+    return KVCache(k=put(cache.k, rows.k, 1), v=put(cache.v, rows.v, 1),
+                   positions=put(cache.positions, rows.positions, 0),
+                   segment_ids=put(cache.segment_ids, rows.segment_ids, 0),
+                   lengths=put(cache.lengths, rows.lengths, 0))
+
+
+def clear_rows(cache: KVCache, rows_to_clear: jax.Array) -> KVCache:
+    """Mark rows (bool [B]) empty; their stale keys stay but carry segment 0, so no query sees them."""
+    keep = ~rows_to_clear
+    return dataclasses.replace(cache, segment_ids=jnp.where(keep[:, None], cache.segment_ids, PAD_SEGMENT),
+                               lengths=jnp.where(keep, cache.lengths, 0))
