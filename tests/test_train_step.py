@@ -13,7 +13,8 @@ from t3rl_jax.models.qwen3 import Qwen3
 from t3rl_jax.rl import batching
 from t3rl_jax.rl.advantages import group_advantages
 from t3rl_jax.rl.grpo import LossSettings
-from t3rl_jax.rl.train_step import GRPOStep, StepSettings, make_optimizer, micro_batch, token_logprobs_and_entropy
+from t3rl_jax.rl.train_step import (GRPOStep, StepSettings, loss_slots, make_optimizer, micro_batch,
+                                   token_logprobs_and_entropy)
 from t3rl_jax.rollout.engine import Qwen3Engine, SamplingSettings
 from t3rl_jax.rollout.trajectory import Trajectory
 
@@ -41,7 +42,7 @@ def _batch(rng, rows=4, length=32):
 def test_chunked_token_stats_equal_full_log_softmax():
     model = _model()
     rng = np.random.default_rng(0)
-    b = _batch(rng)
+    b = _batch(rng, length=64)
     logp, ent = token_logprobs_and_entropy(model, b["tokens"], b["positions"], b["segment_ids"], b["targets"],
                                            temperature=0.7, seq_chunk=8, vocab_chunk=24)
     logits = np.asarray(model(b["tokens"], b["positions"], b["segment_ids"]), np.float64) / 0.7
@@ -51,6 +52,17 @@ def test_chunked_token_stats_equal_full_log_softmax():
     want_ent = -(np.exp(ls) * ls).sum(-1)
     np.testing.assert_allclose(np.asarray(logp), want_logp, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(ent), want_ent, rtol=1e-5, atol=1e-5)
+    # Logits only at masked positions: equal there, zero elsewhere.
+    most = int((b["loss_mask"] > 0).sum(1).max())
+    assert loss_slots(b["loss_mask"], 1024) >= most and loss_slots(b["loss_mask"], 8) == 8
+    slots = most  # the tightest valid choice
+    assert slots < b["tokens"].shape[1]
+    logp2, ent2 = token_logprobs_and_entropy(model, b["tokens"], b["positions"], b["segment_ids"], b["targets"],
+                                             b["loss_mask"], temperature=0.7, seq_chunk=8, vocab_chunk=24,
+                                             num_slots=slots)
+    m = b["loss_mask"] > 0
+    np.testing.assert_allclose(np.asarray(logp2)[m], want_logp[m], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ent2)[m], want_ent[m], rtol=1e-5, atol=1e-5)
 
 
 def _train_cfg(**kw):

@@ -13,6 +13,7 @@ and is reported in the metrics, so the loop can count consecutive bad steps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,15 +70,36 @@ def micro_batch(batch: dict, num_micro_batches: int) -> dict:
     return out
 
 
-def token_logprobs_and_entropy(model, tokens, positions, segment_ids, targets, *, temperature: float,
-                               seq_chunk: int, vocab_chunk: int):
-    """Log-prob of each target token and the entropy of each position's distribution, both [rows, length]."""
+def loss_slots(loss_mask, length: int) -> int:
+    """Static number of positions per row that get logits: the most masked targets in any row, rounded up to a
+    power of two (few compilations), capped at the row length."""
+    most = int(np.max(np.sum(np.asarray(loss_mask) > 0, axis=-1))) if np.size(loss_mask) else 0
+    slots = 1
+    while slots < most:
+        slots *= 2
+    return min(max(slots, 16), length)
+
+
+def token_logprobs_and_entropy(model, tokens, positions, segment_ids, targets, loss_mask=None, *,
+                               temperature: float, seq_chunk: int, vocab_chunk: int, num_slots: int | None = None):
+    """Log-prob of each target token and the entropy of each position's distribution, both [rows, length].
+
+    With `num_slots`, logits are computed only at the first `num_slots` positions of each row ordered masked-first:
+    every masked target is among them (the caller sizes `num_slots` from the mask), and the vocabulary projection,
+    by far the largest cost for long prompts with short replies, runs on those positions alone. Values at other
+    positions are 0 and must be masked by the caller.
+    """
     hidden = model.hidden_states(tokens, positions, segment_ids)
     rows, length, embed = hidden.shape
-    chunk = min(seq_chunk, length)
-    if length % chunk:
-        raise ValueError(f"sequence length {length} is not a multiple of the logits chunk {chunk}")
-    n = length // chunk
+    order = None
+    if num_slots is not None and num_slots < length:
+        order = jnp.argsort(loss_mask <= 0, axis=1, stable=True)[:, :num_slots]
+        hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
+        targets = jnp.take_along_axis(targets, order, axis=1)
+    width = hidden.shape[1]
+    # The largest divisor of the width not above seq_chunk: equal chunks, no padded copy of the activations.
+    chunk = next(c for c in range(min(seq_chunk, width), 0, -1) if width % c == 0)
+    n = width // chunk
     h = hidden.reshape(rows, n, chunk, embed).swapaxes(0, 1)
     t = targets.reshape(rows, n, chunk).swapaxes(0, 1)
 
@@ -88,7 +110,12 @@ def token_logprobs_and_entropy(model, tokens, positions, segment_ids, targets, *
         return logprobs_and_entropy_chunked(logits, t_c, chunk_size=vocab_chunk)
 
     logp, ent = jax.lax.map(one, (h, t))
-    return logp.swapaxes(0, 1).reshape(rows, length), ent.swapaxes(0, 1).reshape(rows, length)
+    logp, ent = logp.swapaxes(0, 1).reshape(rows, width), ent.swapaxes(0, 1).reshape(rows, width)
+    if order is None:
+        return logp, ent
+    row = jnp.arange(rows)[:, None]
+    scatter = lambda v: jnp.zeros((rows, length), v.dtype).at[row, order].set(v)  # noqa: E731
+    return scatter(logp), scatter(ent)
 
 
 class GRPOStep:
@@ -103,37 +130,45 @@ class GRPOStep:
         self.graphdef, _, self.rest = nnx.split(model, nnx.Param, ...)
         self.optimizer = optimizer
         self.settings = settings
-        self._logprobs = jax.jit(self._logprobs_impl, in_shardings=(param_shardings, batch_sharding),
-                                 out_shardings=batch_sharding)
-        self._grad = jax.jit(
-            self._grad_impl,
-            in_shardings=(param_shardings, param_shardings, batch_sharding, batch_sharding, batch_sharding, None),
-            out_shardings=(param_shardings, None), donate_argnums=(1,))
+        self._shardings = (param_shardings, opt_shardings, batch_sharding)
+        self._compiled: dict = {}
         self._apply = jax.jit(self._apply_impl, in_shardings=(param_shardings, opt_shardings, param_shardings),
                               out_shardings=(param_shardings, opt_shardings, None),
                               donate_argnums=(0, 1, 2) if donate else (2,))
 
+    def _jitted(self, num_slots: int):
+        """(logprobs, grad) functions compiled for one static number of logit positions per row."""
+        if num_slots not in self._compiled:
+            p, _, b = self._shardings
+            logprobs = jax.jit(functools.partial(self._logprobs_impl, num_slots=num_slots), in_shardings=(p, b),
+                               out_shardings=b)
+            grad = jax.jit(functools.partial(self._grad_impl, num_slots=num_slots),
+                           in_shardings=(p, p, b, b, b, None), out_shardings=(p, None), donate_argnums=(1,))
+            self._compiled[num_slots] = (logprobs, grad)
+        return self._compiled[num_slots]
+
     def _model(self, params):
         return nnx.merge(self.graphdef, params, self.rest)
 
-    def _stats(self, params, mb):
+    def _stats(self, params, mb, num_slots):
         s = self.settings
         return token_logprobs_and_entropy(self._model(params), mb["tokens"], mb["positions"], mb["segment_ids"],
-                                          mb["targets"], temperature=s.temperature, seq_chunk=s.seq_chunk,
-                                          vocab_chunk=s.vocab_chunk)
+                                          mb["targets"], mb["loss_mask"], temperature=s.temperature,
+                                          seq_chunk=s.seq_chunk, vocab_chunk=s.vocab_chunk, num_slots=num_slots)
 
-    def _logprobs_impl(self, params, mb):
-        return self._stats(params, mb)[0]
+    def _logprobs_impl(self, params, mb, *, num_slots):
+        return self._stats(params, mb, num_slots)[0]
 
     def logprobs(self, params, batch: dict):
         """Token log-probs [micro, rows, length] under `params` (old policy or reference), no gradient."""
-        return [self._logprobs(params, mb) for mb in _split(batch)]
+        fn = self._jitted(loss_slots(batch["loss_mask"], batch["tokens"].shape[-1]))[0]
+        return [fn(params, mb) for mb in _split(batch)]
 
-    def _grad_impl(self, params, grads, mb, old, ref, denominator):
+    def _grad_impl(self, params, grads, mb, old, ref, denominator, *, num_slots):
         s = self.settings
 
         def loss_fn(p):
-            logp, ent = self._stats(p, mb)
+            logp, ent = self._stats(p, mb, num_slots)
             return grpo_loss(s.loss, logp=logp, old_logp=old, advantages=mb["advantages"], mask=mb["loss_mask"],
                              entropy=ent, ref_logp=ref if s.loss.needs_reference else None,
                              rollout_logp=mb["rollout_logprobs"] if s.old_logprobs == "trainer" else None,
@@ -171,10 +206,11 @@ class GRPOStep:
         denominator = np.maximum(np.asarray(aggregation_denominator(
             jnp.asarray(batch["loss_mask"]).reshape(-1, length), s.loss.loss_agg,
             segment_ids=jnp.asarray(batch["segment_ids"]).reshape(-1, length))), 1.0)
+        grad_fn = self._jitted(loss_slots(batch["loss_mask"], length))[1]
         grads = jax.tree.map(jnp.zeros_like, params)
         collected = []
         for mb, old, ref in zip(micro, old_logprobs, ref_logprobs):
-            grads, metrics = self._grad(params, grads, mb, old, ref, denominator.astype(np.float32))
+            grads, metrics = grad_fn(params, grads, mb, old, ref, denominator.astype(np.float32))
             collected.append(metrics)
         host = [{k: float(np.asarray(v)) for k, v in m.items()} for m in collected]
         merged = {k: float(np.mean([m[k] for m in host])) for k in host[0]}

@@ -114,6 +114,8 @@ class Qwen3Engine(engine_api.Engine):
         if max_prefill_length > max_cache_length:
             raise ValueError(f"max_prefill_length {max_prefill_length} > max_cache_length {max_cache_length}")
         self._graphdef, self._params, self._rest = nnx.split(model, nnx.Param, ...)
+        # Read once: after a donating train step the arrays here may be deleted before update_params runs.
+        self._param_shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), self._params)
         self.config = model.config
         self._tokenizer = tokenizer
         self._slots = max_concurrent_decodes
@@ -146,9 +148,9 @@ class Qwen3Engine(engine_api.Engine):
         theirs = jax.tree.leaves(params)
         if len(ours) != len(theirs) or any(a.shape != b.shape for a, b in zip(ours, theirs)):
             raise ValueError("update_params: parameter tree does not match the engine's model")
-        targets = jax.tree.map(lambda a: a.sharding, self._params)
         self._params = jax.tree.map(
-            lambda p, s: p if getattr(p, "sharding", None) == s else jax.device_put(p, s), params, targets)
+            lambda p, s: p if s is None or getattr(p, "sharding", None) == s else jax.device_put(p, s),
+            params, self._param_shardings)
 
     # ------------------------------------------------------------------ model pieces (traced)
     def _model(self, params):
@@ -272,9 +274,26 @@ class Qwen3Engine(engine_api.Engine):
     def init_decode_state(self, *args, **kwargs) -> DecodeState:
         b = self._slots
         cache = kvc.KVCache.for_config(self.config, batch=b, max_len=self.max_cache_length, dtype=self._cache_dtype)
-        return DecodeState(cache=cache, tokens=jnp.zeros((b,), jnp.int32), active=jnp.zeros((b,), bool),
-                           seeds=jnp.zeros((b,), jnp.uint32), temperature=jnp.ones((b,), jnp.float32),
-                           top_p=jnp.ones((b,), jnp.float32), limits=jnp.zeros((b,), jnp.int32))
+        state = DecodeState(cache=cache, tokens=jnp.zeros((b,), jnp.int32), active=jnp.zeros((b,), bool),
+                            seeds=jnp.zeros((b,), jnp.uint32), temperature=jnp.ones((b,), jnp.float32),
+                            top_p=jnp.ones((b,), jnp.float32), limits=jnp.zeros((b,), jnp.int32))
+        return jax.device_put(state, self._decode_state_shardings(state))
+
+    def _decode_state_shardings(self, state: DecodeState):
+        """Slots split over the mesh's batch axes when they divide evenly (the KV cache dominates rollout
+        memory), otherwise replicated; always on the same devices as the parameters."""
+        mesh = self._mesh
+        axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1)
+        size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        slot_axes = axes if axes and self._slots % size == 0 else None
+        P = jax.sharding.PartitionSpec
+
+        def spec(x):
+            if x.ndim == 5:  # k / v: [layers, slots, length, kv_heads, head_dim]
+                return jax.sharding.NamedSharding(mesh, P(None, slot_axes))
+            return jax.sharding.NamedSharding(mesh, P(slot_axes))
+
+        return jax.tree.map(spec, state)
 
     # ------------------------------------------------------------------ driver fast path
     def _extend_impl(self, params, state: DecodeState, slot, tokens, true_length, reset, seed, temperature, top_p,

@@ -1,0 +1,308 @@
+"""The GRPO loop: prompts -> rollouts (JetStream engine + BFCL env pool) -> rewards -> group advantages -> packed
+micro-batches -> update -> the engine samples from the new parameters (same arrays) -> metrics -> checkpoint.
+
+Exact resume: parameters, optimizer state, the data iterator and counters are checkpointed; every episode's
+sampling seed is a pure function of (run seed, step, group, sample), so a resumed run replays the same rollouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from environments.bfcl.pool import EnvPool
+from environments.bfcl.splits import write_splits
+from t3rl_jax import data as data_lib
+from t3rl_jax import model_factory
+from t3rl_jax import sharding as sh
+from t3rl_jax.chat_format import ChatEncoder
+from t3rl_jax.checkpointing import Checkpointer, SigtermFlag
+from t3rl_jax.config import export_dir
+from t3rl_jax.evaluation import category_of, score_trajectories
+from t3rl_jax.metrics import MetricsLogger
+from t3rl_jax.models import hf_io
+from t3rl_jax.models.context_parallel import load_balance_batch
+from t3rl_jax.rl import batching
+from t3rl_jax.rl.advantages import group_advantages
+from t3rl_jax.rl.group_filter import filter_zero_variance
+from t3rl_jax.rl.grpo import LossSettings
+from t3rl_jax.rl.train_step import GRPOStep, StepSettings, make_optimizer, micro_batch
+from t3rl_jax.rollout.driver import EpisodeRequest, RolloutDriver, RolloutLimits
+from t3rl_jax.rollout.engine import Qwen3Engine, SamplingSettings
+from t3rl_jax.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """Too many consecutive non-finite updates; the last good checkpoint is kept."""
+
+
+def episode_seed(run_seed: int, step: int, group: int, sample: int) -> int:
+    digest = hashlib.blake2b(f"{run_seed}/{step}/{group}/{sample}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        sh.initialize_distributed(cfg.mesh)
+        self.mesh = sh.make_mesh(cfg.mesh)
+        self.bundle = model_factory.build(cfg, self.mesh)
+        self.tokenizer = load_tokenizer(cfg.init_from if model_factory.is_hf_dir(cfg.init_from) else None)
+        self.chat = ChatEncoder(self.tokenizer)
+        self.optimizer = make_optimizer(cfg.train)
+        self.cp = self.mesh.shape["sequence"]
+        sh.validate(self.mesh, seq_len=cfg.train.max_seq_len, num_heads=self.bundle.config.num_heads,
+                    num_kv_heads=self.bundle.config.num_kv_heads)
+        self.rows_per_micro = cfg.train.micro_batch_size
+        shards = sh.axis_size(self.mesh, ("data", "fsdp"))
+        if self.rows_per_micro % shards:
+            raise ValueError(f"train.micro_batch_size={self.rows_per_micro} is not divisible by the data x fsdp "
+                             f"devices ({shards})")
+        batch_spec = sh.logical_to_spec(("batch", "length"), mesh=self.mesh)
+        self.batch_sharding = NamedSharding(self.mesh, batch_spec)
+        self.step_settings = StepSettings(LossSettings.from_algo_config(cfg.algo),
+                                          temperature=max(cfg.rollout.temperature, 1e-6),
+                                          old_logprobs=cfg.algo.old_logprobs)
+        abstract_opt = jax.eval_shape(self.optimizer.init, self.bundle.abstract_params)
+        self.opt_shardings = sh.optax_state_shardings(abstract_opt, self.bundle.abstract_params,
+                                                      self.bundle.param_shardings, self.mesh)
+        self.abstract_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                         abstract_opt, self.opt_shardings)
+
+    # ------------------------------------------------------------------ setup that allocates
+    def _data(self):
+        cfg = self.cfg
+        path = os.path.join(cfg.data.splits_dir, cfg.data.train_file)
+        if not os.path.exists(path):
+            log.info("writing BFCL splits to %s", cfg.data.splits_dir)
+            write_splits(cfg.data.splits_dir)
+
+        def prompt_tokens(record):
+            return len(self.chat.prompt_ids(record["prompt"], record["metadata"]["tools"]))
+
+        records = data_lib.load_split(path, max_entries=cfg.data.max_entries, categories=tuple(cfg.data.categories),
+                                      max_prompt_tokens=cfg.rollout.max_prefill_length,
+                                      prompt_tokens_fn=prompt_tokens)
+        if not records:
+            raise ValueError(f"no record of {path} fits rollout.max_prefill_length={cfg.rollout.max_prefill_length}")
+        return data_lib.PromptIterator(records, prompts_per_step=cfg.data.prompts_per_step, seed=cfg.seed,
+                                       shuffle=cfg.data.shuffle)
+
+    def _val_ids(self) -> list[str]:
+        cfg = self.cfg
+        path = os.path.join(cfg.data.splits_dir, cfg.data.val_file)
+        if not os.path.exists(path):
+            write_splits(cfg.data.splits_dir)
+        records = data_lib.load_split(path, max_entries=cfg.eval.max_entries, categories=tuple(cfg.data.categories),
+                                      max_prompt_tokens=cfg.rollout.max_prefill_length,
+                                      prompt_tokens_fn=lambda r: len(self.chat.prompt_ids(r["prompt"],
+                                                                                          r["metadata"]["tools"])))
+        return [data_lib.entry_id(r) for r in records]
+
+    def _engine(self, params) -> Qwen3Engine:
+        r = self.cfg.rollout
+        return Qwen3Engine(self.bundle.rollout_model(params), tokenizer=self.tokenizer,
+                           max_concurrent_decodes=r.max_concurrent_decodes, max_prefill_length=r.max_prefill_length,
+                           max_cache_length=r.max_context_tokens,
+                           sampling=SamplingSettings(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
+                           cache_dtype=jax.numpy.dtype(self.cfg.model.dtype),
+                           mesh=self.mesh, seed=self.cfg.seed)
+
+    def _limits(self, steps_per_turn: int) -> RolloutLimits:
+        r = self.cfg.rollout
+        return RolloutLimits(max_steps_per_turn=steps_per_turn, max_model_calls=r.max_model_calls,
+                             max_response_tokens=r.max_response_tokens, max_context_tokens=r.max_context_tokens)
+
+    # ------------------------------------------------------------------ one step
+    def _requests(self, step: int, prompts: list[dict]) -> list[EpisodeRequest]:
+        cfg = self.cfg
+        out = []
+        for g, record in enumerate(prompts):
+            eid = data_lib.entry_id(record)
+            for s in range(cfg.rollout.samples_per_prompt):
+                out.append(EpisodeRequest(eid, group_id=g, sample_index=s, seed=episode_seed(cfg.seed, step, g, s),
+                                          augment=cfg.env.augment, reward_kind=cfg.env.reward,
+                                          category=category_of(eid)))
+        return out
+
+    def _batch(self, trajs, num_groups: int):
+        cfg = self.cfg
+        n = cfg.rollout.samples_per_prompt
+        rewards = np.asarray([t.reward for t in trajs], np.float32).reshape(num_groups, n)
+        keep = np.arange(num_groups)
+        dropped = 0
+        if cfg.algo.filter_zero_variance:
+            result = filter_zero_variance(rewards)
+            keep, dropped = result.kept_indices, result.num_dropped
+        if len(keep) == 0:
+            return None, {"groups/kept": 0.0, "groups/dropped": float(dropped)}
+        adv = np.asarray(group_advantages(jax.numpy.asarray(rewards[keep]), mode=cfg.algo.advantage,
+                                          eps=cfg.algo.adv_eps)).reshape(-1)
+        kept = [trajs[g * n + s] for g in keep for s in range(n)]
+        packed = batching.pack(kept, adv, row_length=cfg.train.max_seq_len, pad_rows_to_multiple=self.rows_per_micro)
+        arrays = packed.as_dict()
+        if self.cp > 1:
+            arrays = load_balance_batch(arrays, self.cp)
+        stats = {"groups/kept": float(len(keep)), "groups/dropped": float(dropped),
+                 "length/truncated_episodes": float(packed.num_truncated),
+                 "length/padding_fraction": float(1.0 - (packed.segment_ids > 0).mean())}
+        return micro_batch(arrays, packed.tokens.shape[0] // self.rows_per_micro), stats
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        cfg = self.cfg
+        os.makedirs(cfg.workdir, exist_ok=True)
+        prompts = self._data()
+        ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), keep=cfg.checkpoint.keep,
+                            async_save=cfg.checkpoint.async_save)
+        start, nan_streak = 0, 0
+        resume_step = ckpt.latest_step() if cfg.resume == "auto" else None
+        if resume_step is not None:
+            start, params, opt_state, extra = ckpt.restore(abstract_params=nnx.to_pure_dict(
+                self.bundle.abstract_params), abstract_opt_state=self.abstract_opt)
+            params = self._state_from_pure(params)
+            prompts.set_state(extra["data"])
+            nan_streak = int(extra.get("nan_streak", 0))
+            log.info("resumed from step %d", start)
+        else:
+            params = model_factory.init_params(cfg, self.bundle)
+            opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(params)
+        logger = MetricsLogger(cfg.workdir, config_dict=cfg.to_dict(), wandb_mode=cfg.log.wandb_mode,
+                               project=cfg.log.wandb_project, run_name=cfg.stage, resume_step=resume_step,
+                               total_steps=cfg.train.num_steps)
+        step_fn = GRPOStep(self.bundle.train_model(params), self.optimizer, self.step_settings,
+                           param_shardings=self.bundle.param_shardings, opt_shardings=self.opt_shardings,
+                           batch_sharding=self.batch_sharding)
+        ref_params = jax.tree.map(lambda x: x.copy(), params) if self.step_settings.loss.needs_reference else None
+        engine = self._engine(params)
+        last_val: dict = {}
+        best, since_best = -1.0, 0
+        with EnvPool(cfg.env.num_workers, step_timeout_s=cfg.env.step_timeout_s) as pool, SigtermFlag() as stop:
+            driver = RolloutDriver(engine, pool, self.chat, limits=self._limits(cfg.rollout.max_steps_per_turn))
+            step = start
+            while step < cfg.train.num_steps:
+                t0 = time.perf_counter()
+                prompt_batch = next(prompts)
+                trajs = driver.run(self._requests(step, prompt_batch), params)
+                t_rollout = time.perf_counter() - t0
+                metrics = self._rollout_metrics(trajs)
+                metrics.update(driver.metrics.summary())
+                batch, stats = self._batch(trajs, len(prompt_batch))
+                metrics.update(stats)
+                t1 = time.perf_counter()
+                if batch is not None:
+                    ref = step_fn.logprobs(ref_params, batch) if ref_params is not None else None
+                    params, opt_state, train_metrics = step_fn.update(params, opt_state, batch, ref_logprobs=ref)
+                    engine.update_params(params)
+                    metrics.update(train_metrics)
+                    nan_streak = nan_streak + 1 if train_metrics["skipped_nonfinite"] else 0
+                step += 1
+                metrics.update({"time/rollout_s": t_rollout, "time/train_s": time.perf_counter() - t1,
+                                "time/env_s": driver.metrics.env_seconds, "time/step_s": time.perf_counter() - t0,
+                                "epoch": prompts.epoch, "nan_streak": nan_streak})
+                if nan_streak >= cfg.train.max_nan_steps:
+                    logger.log(step, metrics)
+                    raise TrainingStopped(f"{nan_streak} consecutive non-finite updates (train.max_nan_steps="
+                                          f"{cfg.train.max_nan_steps}); last good checkpoint: step "
+                                          f"{ckpt.latest_step()}")
+                if cfg.eval.every_steps and (step % cfg.eval.every_steps == 0 or step == cfg.train.num_steps):
+                    last_val = self.validate(engine, pool, params)
+                    metrics.update(last_val)
+                    if last_val["val/accuracy/overall"] > best:
+                        best, since_best = last_val["val/accuracy/overall"], 0
+                    else:
+                        since_best += 1
+                logger.log(step, metrics)
+                plateau = cfg.eval.plateau_patience and since_best >= cfg.eval.plateau_patience
+                if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.num_steps or stop or plateau:
+                    ckpt.save(step, params=nnx.to_pure_dict(params), opt_state=opt_state,
+                              extra={"data": prompts.get_state(), "nan_streak": nan_streak})
+                if stop:
+                    log.warning("SIGTERM: checkpoint written at step %d, exiting", step)
+                    break
+                if plateau:
+                    log.info("validation accuracy plateaued for %d evaluations; ending the stage", since_best)
+                    break
+        ckpt.close()
+        logger.close()
+        if not stop:
+            self.export(params)
+        return {"step": step, **last_val}
+
+    def _state_from_pure(self, pure):
+        params = jax.tree.map(lambda x: x, self.bundle.abstract_params)
+        nnx.replace_by_pure_dict(params, pure)
+        return params
+
+    def _rollout_metrics(self, trajs) -> dict:
+        rewards = np.asarray([t.reward for t in trajs])
+        out = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+               "length/response_tokens": float(np.mean([t.length - t.prompt_length for t in trajs])),
+               "length/sampled_tokens": float(np.mean([t.num_sampled for t in trajs])),
+               "tool_calls/per_episode": float(np.mean([t.num_tool_calls for t in trajs])),
+               "errors/tool_per_episode": float(np.mean([t.num_tool_errors for t in trajs])),
+               "errors/format_per_episode": float(np.mean([t.num_format_errors for t in trajs])),
+               "turns/per_episode": float(np.mean([t.num_turns for t in trajs]))}
+        for name, value in score_trajectories(trajs).items():
+            if name.startswith(("progress/", "accuracy/")):
+                out[name] = value
+        return out
+
+    def validate(self, engine: Qwen3Engine, pool, params) -> dict:
+        """Greedy episodes on the validation split; per-category accuracy and progress under `val/`."""
+        cfg = self.cfg
+        ids = self._val_ids()
+        requests = [EpisodeRequest(e, group_id=i, seed=0, augment=cfg.env.augment, reward_kind="progress",
+                                   category=category_of(e)) for i, e in enumerate(ids)]
+        greedy = SamplingSettings(temperature=0.0 if cfg.eval.greedy else cfg.rollout.temperature,
+                                  top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
+        driver = RolloutDriver(engine, pool, self.chat, limits=self._limits(cfg.eval.max_steps_per_turn),
+                               sampling=greedy)
+        scores = score_trajectories(driver.run(requests, params))
+        return {f"val/{k}": v for k, v in scores.items()}
+
+    def export(self, params) -> str:
+        out = export_dir(self.cfg.workdir)
+        pure = jax.tree.map(np.asarray, nnx.to_pure_dict(params))
+        # The compute dtype: bf16 for the real model (as Qwen ships it), f32 for tiny CPU runs.
+        hf_io.export_hf_dir(pure, self.bundle.config, out, dtype=self.cfg.model.dtype,
+                            assets=hf_io.default_tokenizer_files())
+        return out
+
+
+@dataclasses.dataclass
+class DryRunReport:
+    num_params: int
+    mesh: dict
+    lowered: bool
+
+
+def dry_run(cfg) -> DryRunReport:
+    """Build everything for the config's real shapes and lower the train step, allocating no weights."""
+    trainer = Trainer(cfg)
+    rows, length = trainer.rows_per_micro, cfg.train.max_seq_len
+    spec = NamedSharding(trainer.mesh, trainer.batch_sharding.spec)
+    ints = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=spec)
+    floats = jax.ShapeDtypeStruct((rows, length), np.float32, sharding=spec)
+    mb = {"tokens": ints, "positions": ints, "segment_ids": ints, "targets": ints, "loss_mask": floats,
+          "rollout_logprobs": floats, "advantages": floats}
+    abstract_model = nnx.eval_shape(lambda: trainer.bundle.train_model(trainer.bundle.abstract_params))
+    step = GRPOStep(abstract_model, trainer.optimizer, trainer.step_settings,
+                    param_shardings=trainer.bundle.param_shardings, opt_shardings=trainer.opt_shardings,
+                    batch_sharding=trainer.batch_sharding)
+    grads = trainer.bundle.abstract_params
+    denominator = jax.ShapeDtypeStruct((), np.float32)
+    # Worst case: logits at every position of a row.
+    step._jitted(length)[1].lower(trainer.bundle.abstract_params, grads, mb, floats, floats, denominator)
+    step._apply.lower(trainer.bundle.abstract_params, trainer.abstract_opt, grads)
+    return DryRunReport(trainer.bundle.config.num_params, dict(trainer.mesh.shape), True)
