@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
 __all__ = ["CheckpointMismatchError", "Checkpointer", "SigtermFlag", "restore_params_only"]
 
@@ -52,7 +53,10 @@ def _path_str(path) -> str:
 
 def _shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
     """{'a/b/0': shape} for every array-like leaf; None leaves (optax EmptyState, ...) hold nothing."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+    # NNX Variables (inside optax states built from nnx.State params) expose `.shape` but are pytree nodes
+    # whose array sits under `value`, which is how Orbax names the stored tensor: descend into them.
+    leaves, _ = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, nnx.Variable))
     return {_path_str(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
 
 

@@ -65,7 +65,7 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("rollout.samples_per_prompt", 2, True), ("rollout.temperature", 0, False), ("rollout.top_k", 0, True),
     ("rollout.max_concurrent_decodes", 1, True), ("rollout.max_response_tokens", 1, True),
     ("rollout.max_steps_per_turn", 1, True), ("rollout.max_model_calls", 1, True),
-    ("env.num_workers", 1, True), ("env.step_timeout_s", 0, False),
+    ("env.num_workers", 0, True), ("env.step_timeout_s", 0, False),
     ("algo.adv_eps", 0, True), ("algo.clip_low", 0, True), ("algo.clip_high", 0, True), ("algo.kl_coef", 0, True),
     ("algo.entropy_coef", 0, True), ("algo.tis_cap", 0, True), ("algo.dual_clip", 0, True),
     ("train.num_steps", 1, True), ("train.lr", 0, False), ("train.warmup_steps", 0, True),
@@ -157,9 +157,10 @@ def validate(cfg, *, known_presets: Sequence[str] | None = None) -> None:
 
     r = cfg.rollout
     _require(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]", cfg)
-    # JetStream's prefill buckets are powers of two from 16 to 32768.
-    _require(16 <= r.max_prefill_length <= 32768 and r.max_prefill_length & (r.max_prefill_length - 1) == 0,
-             "rollout.max_prefill_length", "must be a power of two in [16, 32768]", cfg)
+    # Our engine buckets prefills in multiples of 16 (see rollout/engine.prefill_bucket); JetStream's own server
+    # needs power-of-two buckets, which scripts/serve.py picks for itself.
+    _require(16 <= r.max_prefill_length <= 32768 and r.max_prefill_length % 16 == 0,
+             "rollout.max_prefill_length", "must be a multiple of 16 in [16, 32768]", cfg)
     _require(r.max_context_tokens >= r.max_response_tokens, "rollout.max_context_tokens",
              f"must be >= max_response_tokens={r.max_response_tokens}", cfg)
     _require(r.max_context_tokens <= cfg.train.max_seq_len, "rollout.max_context_tokens",

@@ -32,6 +32,7 @@ from environments.bfcl.catalog import CATEGORIES, parse_entry_id
 __all__ = ["PromptIterator", "entry_id", "load_split"]
 
 SPLITS_COMMAND = "python -m environments.bfcl.splits --out DIR"
+_EPOCHS = 1_000_000
 
 
 def entry_id(record: dict) -> str:
@@ -115,7 +116,9 @@ class PromptIterator:
         if shuffle:
             dataset = dataset.shuffle(seed=seed)
         # list batches: records are nested dicts that must not be stacked into arrays.
-        batches = dataset.repeat(None, reseed_each_epoch=True).batch(prompts_per_step, batch_fn=list)
+        # A finite but practically endless repeat: grain's iterator takes len() of the dataset, and repeat(None)
+        # reports sys.maxsize, which overflows there whenever the batch size is 1.
+        batches = dataset.repeat(_EPOCHS, reseed_each_epoch=True).batch(prompts_per_step, batch_fn=list)
         # In-memory records need no reader threads; grain's default prefetch pool only costs start-up time.
         self._dataset = batches.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
         self._iterator = iter(self._dataset)

@@ -147,21 +147,31 @@ class Trainer:
         if len(keep) == 0:
             return None, {"groups/kept": 0.0, "groups/dropped": float(dropped)}
         adv = np.asarray(group_advantages(jax.numpy.asarray(rewards[keep]), mode=cfg.algo.advantage,
-                                          eps=cfg.algo.adv_eps)).reshape(-1)
-        kept = [trajs[g * n + s] for g in keep for s in range(n)]
-        packed = batching.pack(kept, adv, row_length=cfg.train.max_seq_len, pad_rows_to_multiple=self.rows_per_micro)
-        arrays = packed.as_dict()
-        if self.cp > 1:
-            arrays = load_balance_batch(arrays, self.cp)
+                                          eps=cfg.algo.adv_eps)).reshape(len(keep), n)
+        # Mini-batches split whole groups, so each optimizer step sees complete GRPO groups.
+        parts = [p for p in np.array_split(np.arange(len(keep)), cfg.train.mini_batches_per_step) if len(p)]
+        minis, truncated, padding = [], 0, []
+        for part in parts:
+            kept = [trajs[keep[i] * n + s] for i in part for s in range(n)]
+            packed = batching.pack(kept, adv[part].reshape(-1), row_length=cfg.train.max_seq_len,
+                                   pad_rows_to_multiple=self.rows_per_micro)
+            arrays = packed.as_dict()
+            if self.cp > 1:
+                arrays = load_balance_batch(arrays, self.cp)
+            minis.append(micro_batch(arrays, packed.tokens.shape[0] // self.rows_per_micro))
+            truncated += packed.num_truncated
+            padding.append(float(1.0 - (packed.segment_ids > 0).mean()))
         stats = {"groups/kept": float(len(keep)), "groups/dropped": float(dropped),
-                 "length/truncated_episodes": float(packed.num_truncated),
-                 "length/padding_fraction": float(1.0 - (packed.segment_ids > 0).mean())}
-        return micro_batch(arrays, packed.tokens.shape[0] // self.rows_per_micro), stats
+                 "length/truncated_episodes": float(truncated), "length/padding_fraction": float(np.mean(padding))}
+        return minis, stats
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
         cfg = self.cfg
         os.makedirs(cfg.workdir, exist_ok=True)
+        # Checkpoints hold arrays only; this makes a run directory self-describing for eval/serve/export.
+        with open(os.path.join(cfg.workdir, "model_config.json"), "w") as f:
+            f.write(self.bundle.config.to_json())
         prompts = self._data()
         ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                             async_save=cfg.checkpoint.async_save)
@@ -201,8 +211,7 @@ class Trainer:
                 metrics.update(stats)
                 t1 = time.perf_counter()
                 if batch is not None:
-                    ref = step_fn.logprobs(ref_params, batch) if ref_params is not None else None
-                    params, opt_state, train_metrics = step_fn.update(params, opt_state, batch, ref_logprobs=ref)
+                    params, opt_state, train_metrics = self._update(step_fn, params, opt_state, ref_params, batch)
                     engine.update_params(params)
                     metrics.update(train_metrics)
                     nan_streak = nan_streak + 1 if train_metrics["skipped_nonfinite"] else 0
@@ -224,7 +233,8 @@ class Trainer:
                         since_best += 1
                 logger.log(step, metrics)
                 plateau = cfg.eval.plateau_patience and since_best >= cfg.eval.plateau_patience
-                if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.num_steps or stop or plateau:
+                periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+                if periodic or step == cfg.train.num_steps or stop or plateau:
                     ckpt.save(step, params=nnx.to_pure_dict(params), opt_state=opt_state,
                               extra={"data": prompts.get_state(), "nan_streak": nan_streak})
                 if stop:
@@ -238,6 +248,21 @@ class Trainer:
         if not stop:
             self.export(params)
         return {"step": step, **last_val}
+
+    def _update(self, step_fn: GRPOStep, params, opt_state, ref_params, minis: list[dict]):
+        """One optimizer step per mini-batch; the PPO anchor is the policy that generated the rollouts, so
+        trainer-side old log-probs are computed for every mini-batch before the first update."""
+        olds = [None] * len(minis)
+        if self.step_settings.old_logprobs == "trainer":
+            olds = [step_fn.logprobs(params, mb) for mb in minis]
+        refs = [step_fn.logprobs(ref_params, mb) if ref_params is not None else None for mb in minis]
+        collected = []
+        for mb, old, ref in zip(minis, olds, refs):
+            params, opt_state, m = step_fn.update(params, opt_state, mb, old_logprobs=old, ref_logprobs=ref)
+            collected.append(m)
+        merged = {k: float(np.mean([m[k] for m in collected])) for k in collected[0]}
+        merged["skipped_nonfinite"] = float(max(m["skipped_nonfinite"] for m in collected))
+        return params, opt_state, merged
 
     def _state_from_pure(self, pure):
         params = jax.tree.map(lambda x: x, self.bundle.abstract_params)

@@ -140,3 +140,24 @@ def test_sigterm_sets_flag_and_close_restores_previous_handler():
         assert seen == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_round_trip_of_optax_state_over_nnx_params(tmp_path):
+    # The trainer's optimizer state mirrors nnx.State params, whose Variables Orbax stores under `value`.
+    import optax
+    from flax import nnx
+
+    class Tiny(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.arange(6.0).reshape(2, 3))
+
+    params = nnx.state(Tiny(), nnx.Param)
+    opt = optax.adamw(1e-3)
+    state = opt.init(params)
+    ckpt = Checkpointer(tmp_path / "c", keep=1, async_save=False)
+    ckpt.save(1, params=nnx.to_pure_dict(params), opt_state=state, extra={})
+    abstract = jax.eval_shape(opt.init, params)
+    _, _, restored, _ = ckpt.restore(abstract_params=nnx.to_pure_dict(params), abstract_opt_state=abstract)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ckpt.close()

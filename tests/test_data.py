@@ -93,3 +93,10 @@ def test_state_from_another_setup_is_refused(split_file):
         PromptIterator(records, prompts_per_step=3, seed=1).set_state({"next_index": 3})
     with pytest.raises(ValueError, match="prompts_per_step must be >= 1"):
         PromptIterator(records, prompts_per_step=0, seed=1)
+
+
+def test_single_prompt_batches_do_not_overflow():
+    records = [{"metadata": {"bfcl_task": {"id": f"multi_turn_base_{i}"}}} for i in range(3)]
+    it = PromptIterator(records, prompts_per_step=1, seed=0)
+    seen = [entry_id(next(it)[0]) for _ in range(6)]
+    assert sorted(seen[:3]) == sorted(seen[3:]) == [f"multi_turn_base_{i}" for i in range(3)]
