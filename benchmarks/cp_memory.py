@@ -1,0 +1,110 @@
+"""Compiled per-device memory of a training update vs context parallelism, on 8 fake CPU devices.
+
+    python benchmarks/cp_memory.py                      # full Qwen3-4B, 8k and 32k, CP 1/2/4/8
+    python benchmarks/cp_memory.py --strategies all_gather,ring --seq_lens 32768 --cps 4,8
+    python benchmarks/cp_memory.py --time_attention     # also time both CP attentions (executed)
+
+For CP = c the mesh is (data 1, fsdp 8/c, tensor 1, sequence c) and the micro-batch 8/c
+sequences, so every device holds one sequence's T/c tokens and the same weight shards (weights
+are sharded over fsdp x sequence). Nothing is allocated: forward + backward of the GRPO policy
+loss (scripts/fit_check.py, gradients as outputs, no optimizer) is lowered on abstract inputs and
+XLA's memory analysis read.
+Last line: `ratio=<temp bytes at CP4 / CP1 for the longest sequence>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICES = 8
+
+
+def _ints(text):
+    return tuple(int(x) for x in text.split(","))
+
+
+def time_cp_attention(strategies, seq_len=4096, heads=(8, 2), head_dim=128, block=512, repeats=3):
+    """Wall time of one fwd+bwd of CP attention alone (CP 8 and 4), executed on the fake devices."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from t3rl_jax import sharding as sh
+    from t3rl_jax.models import context_parallel as cp
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((1, seq_len, heads[0], head_dim)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, seq_len, heads[1], head_dim)), jnp.float32)
+    pos = cp.to_load_balanced(np.arange(seq_len, dtype=np.int32)[None], 8)
+    seg = np.ones((1, seq_len), np.int32)
+    rows = []
+    for cp_size in (8, 4):
+        mesh = sh.make_mesh({"data": 1, "fsdp": 1, "tensor": DEVICES // cp_size, "sequence": cp_size})
+        for strategy in strategies:
+            fn = cp.make_context_parallel_attention(mesh, strategy=strategy, block_size=block)
+            loss = lambda q, k, v: jnp.sum(fn(q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg,
+                                              kv_segment_ids=seg) ** 2)
+            step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+            jax.block_until_ready(step(q, k, k))
+            start = time.perf_counter()
+            for _ in range(repeats):
+                jax.block_until_ready(step(q, k, k))
+            rows.append((strategy, cp_size, (time.perf_counter() - start) / repeats))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq_lens", type=_ints, default=(8192, 32768))
+    parser.add_argument("--cps", type=_ints, default=(1, 2, 4, 8))
+    parser.add_argument("--strategies", default="all_gather")
+    parser.add_argument("--num_layers", type=int, default=None, help="default: the preset's 36")
+    parser.add_argument("--remat", default="full")
+    parser.add_argument("--compute_dtype", default="bfloat16")
+    parser.add_argument("--time_attention", action="store_true")
+    args = parser.parse_args(argv)
+    strategies = tuple(args.strategies.split(","))
+
+    sys.path.insert(0, _ROOT)
+    sys.path.insert(0, os.path.join(_ROOT, "scripts"))
+    import fit_check
+
+    fit_check._force_host_devices(DEVICES)
+    import jax
+
+    if len(jax.devices()) < DEVICES:
+        raise SystemExit(f"needs {DEVICES} devices, found {len(jax.devices())} (set XLA_FLAGS before importing jax)")
+
+    temp = {}
+    header = f"{'strategy':>10} {'seq_len':>8} {'cp':>3} {'mesh':>9} {'temp GiB':>9} {'args GiB':>9} " \
+             f"{'total GiB':>9} {'compile s':>9}"
+    print(header)
+    for strategy in strategies:
+        for seq_len in args.seq_lens:
+            for cp_size in args.cps:
+                mesh = (1, DEVICES // cp_size, 1, cp_size)
+                spec = fit_check.FitSpec(mesh=mesh, seq_len=seq_len, micro_batch=DEVICES // cp_size,
+                                         num_layers=args.num_layers, remat=args.remat,
+                                         compute_dtype=args.compute_dtype, cp_strategy=strategy)
+                jitted, abstract_args, _, _ = fit_check.build_step(spec, with_optimizer=False)
+                m = fit_check.compile_and_measure(jitted, abstract_args)
+                temp[strategy, seq_len, cp_size] = m["temp_bytes"]
+                print(f"{strategy:>10} {seq_len:>8} {cp_size:>3} {','.join(map(str, mesh)):>9} "
+                      f"{m['temp_bytes'] / 2**30:9.2f} {m['argument_bytes'] / 2**30:9.2f} "
+                      f"{m['per_device_bytes'] / 2**30:9.2f} {m['compile_s']:9.1f}", flush=True)
+    if args.time_attention:
+        print(f"{'strategy':>10} {'cp':>3} {'fwd+bwd s':>9}   (attention only, T=4096, 8/2 heads, d=128, executed)")
+        for strategy, cp_size, seconds in time_cp_attention(strategies):
+            print(f"{strategy:>10} {cp_size:>3} {seconds:9.3f}")
+    longest = max(args.seq_lens)
+    if (strategies[0], longest, 4) in temp and (strategies[0], longest, 1) in temp:
+        print(f"ratio={temp[strategies[0], longest, 4] / temp[strategies[0], longest, 1]:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
