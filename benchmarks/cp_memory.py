@@ -7,8 +7,8 @@
 For CP = c the mesh is (data 1, fsdp 8/c, tensor 1, sequence c) and the micro-batch 8/c
 sequences, so every device holds one sequence's T/c tokens and the same weight shards (weights
 are sharded over fsdp x sequence). Nothing is allocated: forward + backward of the GRPO policy
-loss (scripts/fit_check.py, gradients as outputs, no optimizer) is lowered on abstract inputs and
-XLA's memory analysis read.
+loss is the trainer's own gradient step (stage 2's config with the mesh, sequence length and micro-batch
+overridden; `scripts/fit_check.py` compiles it on abstract inputs) and XLA's memory analysis is read.
 Last line: `ratio=<temp bytes at CP4 / CP1 for the longest sequence>`.
 """
 
@@ -73,36 +73,44 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.join(_ROOT, "scripts"))
     import fit_check
 
-    fit_check._force_host_devices(DEVICES)
+    fit_check.force_host_devices(DEVICES)
     import jax
 
     if len(jax.devices()) < DEVICES:
         raise SystemExit(f"needs {DEVICES} devices, found {len(jax.devices())} (set XLA_FLAGS before importing jax)")
 
+    from t3rl_jax.config import load_config
+    from t3rl_jax.trainer import abstract_train_step
+
     temp = {}
     header = f"{'strategy':>10} {'seq_len':>8} {'cp':>3} {'mesh':>9} {'temp GiB':>9} {'args GiB':>9} " \
              f"{'total GiB':>9} {'compile s':>9}"
     print(header)
-    for strategy in strategies:
-        for seq_len in args.seq_lens:
-            for cp_size in args.cps:
-                mesh = (1, DEVICES // cp_size, 1, cp_size)
-                spec = fit_check.FitSpec(mesh=mesh, seq_len=seq_len, micro_batch=DEVICES // cp_size,
-                                         num_layers=args.num_layers, remat=args.remat,
-                                         compute_dtype=args.compute_dtype, cp_strategy=strategy)
-                jitted, abstract_args, _, _ = fit_check.build_step(spec, with_optimizer=False)
-                m = fit_check.compile_and_measure(jitted, abstract_args)
-                temp[strategy, seq_len, cp_size] = m["temp_bytes"]
-                print(f"{strategy:>10} {seq_len:>8} {cp_size:>3} {','.join(map(str, mesh)):>9} "
-                      f"{m['temp_bytes'] / 2**30:9.2f} {m['argument_bytes'] / 2**30:9.2f} "
-                      f"{m['per_device_bytes'] / 2**30:9.2f} {m['compile_s']:9.1f}", flush=True)
+    memory_strategy = "all_gather"  # the trainer's (ring measured the same memory; --time_attention compares speed)
+    for seq_len in args.seq_lens:
+        for cp_size in args.cps:
+            mesh = (1, DEVICES // cp_size, 1, cp_size)
+            overrides = {"mesh.data": 1, "mesh.fsdp": DEVICES // cp_size, "mesh.tensor": 1,
+                         "mesh.sequence": cp_size, "train.max_seq_len": seq_len,
+                         "train.micro_batch_size": DEVICES // cp_size, "rollout.max_context_tokens": seq_len,
+                         "rollout.max_response_tokens": seq_len // 2,
+                         "rollout.max_prefill_length": min(8192, seq_len), "model.remat": args.remat,
+                         "model.dtype": args.compute_dtype}
+            if args.num_layers:
+                overrides["model.num_layers"] = args.num_layers
+            step = abstract_train_step(load_config("stage2", overrides))
+            m = fit_check.compile_and_measure(step.grad_fn, step.grad_args)
+            temp[seq_len, cp_size] = m["temp_bytes"]
+            print(f"{memory_strategy:>10} {seq_len:>8} {cp_size:>3} {','.join(map(str, mesh)):>9} "
+                  f"{m['temp_bytes'] / 2**30:9.2f} {m['argument_bytes'] / 2**30:9.2f} "
+                  f"{m['total_bytes'] / 2**30:9.2f} {m['compile_s']:9.1f}", flush=True)
     if args.time_attention:
         print(f"{'strategy':>10} {'cp':>3} {'fwd+bwd s':>9}   (attention only, T=4096, 8/2 heads, d=128, executed)")
         for strategy, cp_size, seconds in time_cp_attention(strategies):
             print(f"{strategy:>10} {cp_size:>3} {seconds:9.3f}")
     longest = max(args.seq_lens)
-    if (strategies[0], longest, 4) in temp and (strategies[0], longest, 1) in temp:
-        print(f"ratio={temp[strategies[0], longest, 4] / temp[strategies[0], longest, 1]:.4f}")
+    if (longest, 4) in temp and (longest, 1) in temp:
+        print(f"ratio={temp[longest, 4] / temp[longest, 1]:.4f}")
     return 0
 
 

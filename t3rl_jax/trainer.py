@@ -56,23 +56,27 @@ class Trainer:
         self.cfg = cfg
         sh.initialize_distributed(cfg.mesh)
         self.mesh = sh.make_mesh(cfg.mesh)
-        self.bundle = model_factory.build(cfg, self.mesh)
+        # Weights shard over fsdp x sequence: context-parallel devices hold distinct weight shards instead of
+        # copies (stage 2's 8 devices then split params and Adam state 8 ways, not 2).
+        self.rules = sh.logical_axis_rules(fsdp_over_sequence=True)
+        arch = model_factory.model_config(cfg)
+        sh.validate(self.mesh, seq_len=cfg.train.max_seq_len, num_heads=arch.num_heads,
+                    num_kv_heads=arch.num_kv_heads, rules=self.rules)
+        self.bundle = model_factory.build(cfg, self.mesh, self.rules)
         self.tokenizer = load_tokenizer(cfg.init_from if model_factory.is_hf_dir(cfg.init_from) else None)
         self.chat = ChatEncoder(self.tokenizer)
         self.optimizer = make_optimizer(cfg.train)
         self.cp = self.mesh.shape["sequence"]
-        sh.validate(self.mesh, seq_len=cfg.train.max_seq_len, num_heads=self.bundle.config.num_heads,
-                    num_kv_heads=self.bundle.config.num_kv_heads)
         self.rows_per_micro = cfg.train.micro_batch_size
         shards = sh.axis_size(self.mesh, ("data", "fsdp"))
         if self.rows_per_micro % shards:
             raise ValueError(f"train.micro_batch_size={self.rows_per_micro} is not divisible by the data x fsdp "
                              f"devices ({shards})")
-        batch_spec = sh.logical_to_spec(("batch", "length"), mesh=self.mesh)
+        batch_spec = sh.logical_to_spec(("batch", "length"), self.rules, mesh=self.mesh)
         self.batch_sharding = NamedSharding(self.mesh, batch_spec)
         self.step_settings = StepSettings(LossSettings.from_algo_config(cfg.algo),
                                           temperature=max(cfg.rollout.temperature, 1e-6),
-                                          old_logprobs=cfg.algo.old_logprobs)
+                                          old_logprobs=cfg.algo.old_logprobs, compact_logits=self.cp == 1)
         abstract_opt = jax.eval_shape(self.optimizer.init, self.bundle.abstract_params)
         self.opt_shardings = sh.optax_state_shardings(abstract_opt, self.bundle.abstract_params,
                                                       self.bundle.param_shardings, self.mesh)
@@ -306,6 +310,35 @@ class Trainer:
 
 
 @dataclasses.dataclass
+class AbstractStep:
+    """The real train step's jitted pieces with abstract (ShapeDtypeStruct) arguments: nothing allocated."""
+
+    trainer: Trainer
+    grad_fn: object
+    grad_args: tuple
+    apply_fn: object
+    apply_args: tuple
+
+
+def abstract_train_step(cfg) -> AbstractStep:
+    """One micro-batch of the config's real shapes (rows x train.max_seq_len, logits at every position)."""
+    trainer = Trainer(cfg)
+    rows, length = trainer.rows_per_micro, cfg.train.max_seq_len
+    ints = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=trainer.batch_sharding)
+    floats = jax.ShapeDtypeStruct((rows, length), np.float32, sharding=trainer.batch_sharding)
+    mb = {"tokens": ints, "positions": ints, "segment_ids": ints, "targets": ints, "loss_mask": floats,
+          "rollout_logprobs": floats, "advantages": floats}
+    params = trainer.bundle.abstract_params
+    step = GRPOStep(trainer.bundle.train_model(params), trainer.optimizer, trainer.step_settings,
+                    param_shardings=trainer.bundle.param_shardings, opt_shardings=trainer.opt_shardings,
+                    batch_sharding=trainer.batch_sharding)
+    slots = length if trainer.step_settings.compact_logits else None
+    denominator = jax.ShapeDtypeStruct((), np.float32)
+    return AbstractStep(trainer, step._jitted(slots)[1], (params, params, mb, floats, floats, denominator),
+                        step._apply, (params, trainer.abstract_opt, params))
+
+
+@dataclasses.dataclass
 class DryRunReport:
     num_params: int
     mesh: dict
@@ -314,20 +347,7 @@ class DryRunReport:
 
 def dry_run(cfg) -> DryRunReport:
     """Build everything for the config's real shapes and lower the train step, allocating no weights."""
-    trainer = Trainer(cfg)
-    rows, length = trainer.rows_per_micro, cfg.train.max_seq_len
-    spec = NamedSharding(trainer.mesh, trainer.batch_sharding.spec)
-    ints = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=spec)
-    floats = jax.ShapeDtypeStruct((rows, length), np.float32, sharding=spec)
-    mb = {"tokens": ints, "positions": ints, "segment_ids": ints, "targets": ints, "loss_mask": floats,
-          "rollout_logprobs": floats, "advantages": floats}
-    abstract_model = nnx.eval_shape(lambda: trainer.bundle.train_model(trainer.bundle.abstract_params))
-    step = GRPOStep(abstract_model, trainer.optimizer, trainer.step_settings,
-                    param_shardings=trainer.bundle.param_shardings, opt_shardings=trainer.opt_shardings,
-                    batch_sharding=trainer.batch_sharding)
-    grads = trainer.bundle.abstract_params
-    denominator = jax.ShapeDtypeStruct((), np.float32)
-    # Worst case: logits at every position of a row.
-    step._jitted(length)[1].lower(trainer.bundle.abstract_params, grads, mb, floats, floats, denominator)
-    step._apply.lower(trainer.bundle.abstract_params, trainer.abstract_opt, grads)
-    return DryRunReport(trainer.bundle.config.num_params, dict(trainer.mesh.shape), True)
+    step = abstract_train_step(cfg)
+    step.grad_fn.lower(*step.grad_args)
+    step.apply_fn.lower(*step.apply_args)
+    return DryRunReport(step.trainer.bundle.config.num_params, dict(step.trainer.mesh.shape), True)

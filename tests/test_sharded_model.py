@@ -109,21 +109,27 @@ def test_sharded_forward_and_grads_equal_single_device(reference, shape, fsdp_ov
     assert q_spec[2] == ("tensor" if mesh.shape["tensor"] > 1 else None)
 
 
-def test_fit_check_prints_per_device_bytes(capsys):
-    assert fit_check.main(["--preset", "tiny", "--mesh", "1,2,1,4", "--seq_len", "256", "--micro_batch", "2",
-                           "--num_layers", "2", "--compute_dtype", "float32"]) == 0
+TINY_FIT = ["--config=tiny", "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.sequence=4",
+            "--config.train.max_seq_len=256", "--config.train.micro_batch_size=2",
+            "--config.rollout.max_context_tokens=256", "--config.rollout.max_response_tokens=128",
+            "--config.rollout.max_prefill_length=256"]
+
+
+def test_fit_check_compiles_the_real_train_step(capsys):
+    assert fit_check.main(TINY_FIT) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("per_device_bytes=")
     total = int(out[-1].split("=")[1])
-    assert total > 0
-    temp_line = next(line for line in out if line.strip().startswith("temp_bytes"))
-    assert int(temp_line.split("(")[1].rstrip(")").replace(",", "")) < total
+    temp_line = next(line for line in out if line.strip().startswith("grad temp_bytes"))
+    assert 0 < int(temp_line.split("(")[1].rstrip(")").replace(",", "")) < total
+    assert any("'sequence': 4" in line for line in out)
 
 
 def test_fit_check_rejects_bad_mesh_before_compiling():
-    spec = fit_check.FitSpec(preset="tiny", mesh=(1, 2, 1, 4), seq_len=100, micro_batch=2, num_layers=1)
-    with pytest.raises(ValueError, match=r"sequence length 100 is not divisible by 2\*context parallelism = 8"):
-        fit_check.build_step(spec)
-    spec = dataclasses.replace(spec, mesh=(1, 1, 8, 1), seq_len=64)
+    with pytest.raises(ValueError, match=r"max_seq_len: must be divisible by 2 \* mesh.sequence = 8 \(got 100\)"):
+        fit_check.main([a for a in TINY_FIT if "max_seq_len" not in a and "max_context" not in a
+                        and "max_response" not in a and "max_prefill" not in a]
+                       + ["--config.train.max_seq_len=100", "--config.rollout.max_context_tokens=96",
+                          "--config.rollout.max_response_tokens=64", "--config.rollout.max_prefill_length=64"])
     with pytest.raises(ValueError, match=r"query heads 4 are not divisible by the tensor axis size 8"):
-        fit_check.build_step(spec)
+        fit_check.main(["--config=tiny", "--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.tensor=8"])

@@ -34,6 +34,8 @@ class StepSettings:
     seq_chunk: int = 2048         # tokens per logits chunk
     vocab_chunk: int = 16384      # vocabulary slice inside a chunk
     old_logprobs: str = "trainer"  # "trainer": recomputed before the update; "rollout": the engine's own
+    compact_logits: bool = True   # logits only at loss positions (off under context parallelism: the gather
+                                  # would collect the sequence-sharded activations on every device)
 
     def __post_init__(self):
         if self.old_logprobs not in ("trainer", "rollout"):
@@ -100,8 +102,10 @@ def token_logprobs_and_entropy(model, tokens, positions, segment_ids, targets, l
     # The largest divisor of the width not above seq_chunk: equal chunks, no padded copy of the activations.
     chunk = next(c for c in range(min(seq_chunk, width), 0, -1) if width % c == 0)
     n = width // chunk
-    h = hidden.reshape(rows, n, chunk, embed).swapaxes(0, 1)
-    t = targets.reshape(rows, n, chunk).swapaxes(0, 1)
+    # Strided chunks (chunk i holds tokens i, i+n, i+2n, ...): under context parallelism every chunk is spread
+    # evenly over the sequence shards, so chunking moves no activations between devices.
+    h = hidden.reshape(rows, chunk, n, embed).transpose(2, 0, 1, 3)
+    t = targets.reshape(rows, chunk, n).transpose(2, 0, 1)
 
     @jax.checkpoint
     def one(args):
@@ -110,7 +114,7 @@ def token_logprobs_and_entropy(model, tokens, positions, segment_ids, targets, l
         return logprobs_and_entropy_chunked(logits, t_c, chunk_size=vocab_chunk)
 
     logp, ent = jax.lax.map(one, (h, t))
-    logp, ent = logp.swapaxes(0, 1).reshape(rows, width), ent.swapaxes(0, 1).reshape(rows, width)
+    logp, ent = (x.transpose(1, 2, 0).reshape(rows, width) for x in (logp, ent))
     if order is None:
         return logp, ent
     row = jnp.arange(rows)[:, None]
@@ -136,7 +140,12 @@ class GRPOStep:
                               out_shardings=(param_shardings, opt_shardings, None),
                               donate_argnums=(0, 1, 2) if donate else (2,))
 
-    def _jitted(self, num_slots: int):
+    def slots_for(self, batch: dict) -> int | None:
+        if not self.settings.compact_logits:
+            return None
+        return loss_slots(batch["loss_mask"], batch["tokens"].shape[-1])
+
+    def _jitted(self, num_slots: int | None):
         """(logprobs, grad) functions compiled for one static number of logit positions per row."""
         if num_slots not in self._compiled:
             p, _, b = self._shardings
@@ -161,7 +170,7 @@ class GRPOStep:
 
     def logprobs(self, params, batch: dict):
         """Token log-probs [micro, rows, length] under `params` (old policy or reference), no gradient."""
-        fn = self._jitted(loss_slots(batch["loss_mask"], batch["tokens"].shape[-1]))[0]
+        fn = self._jitted(self.slots_for(batch))[0]
         return [fn(params, mb) for mb in _split(batch)]
 
     def _grad_impl(self, params, grads, mb, old, ref, denominator, *, num_slots):
@@ -206,7 +215,7 @@ class GRPOStep:
         denominator = np.maximum(np.asarray(aggregation_denominator(
             jnp.asarray(batch["loss_mask"]).reshape(-1, length), s.loss.loss_agg,
             segment_ids=jnp.asarray(batch["segment_ids"]).reshape(-1, length))), 1.0)
-        grad_fn = self._jitted(loss_slots(batch["loss_mask"], length))[1]
+        grad_fn = self._jitted(self.slots_for(batch))[1]
         grads = jax.tree.map(jnp.zeros_like, params)
         collected = []
         for mb, old, ref in zip(micro, old_logprobs, ref_logprobs):
