@@ -47,7 +47,30 @@ def dot_product_attention(q, k, v, mask):
     return out.reshape(b, t, hq, d)
 
 
+def single_query_attention(q, k, v, mask):
+    """`dot_product_attention` for one query per row (a decode step): q [B, 1, Hq, D], mask [B, 1, S].
+
+    The keys/values are a layer's KV cache. As dot products, the einsums above make XLA (on CPU) copy the whole
+    cache slice into a transposed layout every step, which costs more than the attention itself; written as
+    multiply-and-reduce over the cache's own [B, S, Hkv, D] layout, each of keys and values is read once.
+    """
+    b, _, hq, d = q.shape
+    hkv = k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} are not a multiple of kv heads {hkv}")
+    qg = q.reshape(b, 1, hkv, hq // hkv, d).astype(jnp.float32)
+    scores = jnp.sum(k.astype(jnp.float32)[:, :, :, None, :] * qg, axis=-1) * (d ** -0.5)  # [B, S, Hkv, G]
+    m = mask[:, 0, :, None, None]
+    scores = jnp.where(m, scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=1)
+    probs = jnp.where(m, probs, 0.0).astype(v.dtype)
+    out = jnp.sum(probs[..., None] * v[:, :, :, None, :], axis=1, dtype=jnp.float32)  # [B, Hkv, G, D]
+    return out.astype(v.dtype).reshape(b, 1, hq, d)
+
+
 def attend(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
     """Reference attention: the signature every attention implementation in the model shares."""
     mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+    if q.shape[1] == 1:
+        return single_query_attention(q, k, v, mask)
     return dot_product_attention(q, k, v, mask)
