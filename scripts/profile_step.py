@@ -130,10 +130,10 @@ def main(argv=None) -> int:
         from t3rl_jax.rl.train_step import loss_slots
 
         mb = {k: v[0] for k, v in batch.items()}
-        grad_fn = step._jitted(loss_slots(batch["loss_mask"], args.seq_len))[1]
+        grad_fn = step.functions_for(loss_slots(batch["loss_mask"], args.seq_len))[1]
         profiling.dump_hlo(grad_fn, params, jax.tree.map(jax.numpy.zeros_like, params), mb, mb["rollout_logprobs"],
                            mb["rollout_logprobs"], np.float32(1.0), path=os.path.join(out, "hlo", "train_grad.txt"))
-        profiling.dump_hlo(engine._generate_jit, engine.params, prefilled, num_steps=args.decode_steps,
+        profiling.dump_hlo(engine.generate_function, engine.params, prefilled, num_steps=args.decode_steps,
                            path=os.path.join(out, "hlo", "decode_steps.txt"))
         print(f"HLO written to {os.path.join(out, 'hlo')}")
 

@@ -26,6 +26,8 @@ from t3rl_jax import sharding as sh
 from t3rl_jax.chat_format import ChatEncoder
 from t3rl_jax.checkpointing import Checkpointer, SigtermFlag
 from t3rl_jax.config import export_dir
+from t3rl_jax import flops as flops_lib
+from t3rl_jax import profiling
 from t3rl_jax.evaluation import category_of, score_trajectories
 from t3rl_jax.metrics import MetricsLogger
 from t3rl_jax.models import hf_io
@@ -201,24 +203,34 @@ class Trainer:
         engine = self._engine(params)
         last_val: dict = {}
         best, since_best = -1.0, 0
-        with EnvPool(cfg.env.num_workers, step_timeout_s=cfg.env.step_timeout_s) as pool, SigtermFlag() as stop:
+        session = profiling.ProfileSession(cfg.workdir, start_step=cfg.profile.start_step,
+                                           num_steps=cfg.profile.num_steps, port=cfg.profile.port)
+        with EnvPool(cfg.env.num_workers, step_timeout_s=cfg.env.step_timeout_s) as pool, SigtermFlag() as stop, \
+                session:
             driver = RolloutDriver(engine, pool, self.chat, limits=self._limits(cfg.rollout.max_steps_per_turn))
             step = start
             while step < cfg.train.num_steps:
-                t0 = time.perf_counter()
-                prompt_batch = next(prompts)
-                trajs = driver.run(self._requests(step, prompt_batch), params)
-                t_rollout = time.perf_counter() - t0
-                metrics = self._rollout_metrics(trajs)
-                metrics.update(driver.metrics.summary())
-                batch, stats = self._batch(trajs, len(prompt_batch))
-                metrics.update(stats)
-                t1 = time.perf_counter()
-                if batch is not None:
-                    params, opt_state, train_metrics = self._update(step_fn, params, opt_state, ref_params, batch)
-                    engine.update_params(params)
-                    metrics.update(train_metrics)
-                    nan_streak = nan_streak + 1 if train_metrics["skipped_nonfinite"] else 0
+                with session.step(step):
+                    t0 = time.perf_counter()
+                    prompt_batch = next(prompts)
+                    with profiling.scope("rollout"):
+                        trajs = driver.run(self._requests(step, prompt_batch), params)
+                    t_rollout = time.perf_counter() - t0
+                    metrics = self._rollout_metrics(trajs)
+                    metrics.update(driver.metrics.summary())
+                    batch, stats = self._batch(trajs, len(prompt_batch))
+                    metrics.update(stats)
+                    t1 = time.perf_counter()
+                    if batch is not None:
+                        if cfg.dump_hlo and step == start:
+                            self._dump_hlo(step_fn, engine, params, batch[0])
+                        with profiling.scope("train"):
+                            params, opt_state, train_metrics = self._update(step_fn, params, opt_state, ref_params,
+                                                                            batch)
+                        engine.update_params(params)
+                        metrics.update(train_metrics)
+                        metrics.update(self._throughput(batch, time.perf_counter() - t1))
+                        nan_streak = nan_streak + 1 if train_metrics["skipped_nonfinite"] else 0
                 step += 1
                 metrics.update({"time/rollout_s": t_rollout, "time/train_s": time.perf_counter() - t1,
                                 "time/env_s": driver.metrics.env_seconds, "time/step_s": time.perf_counter() - t0,
@@ -229,7 +241,8 @@ class Trainer:
                                           f"{cfg.train.max_nan_steps}); last good checkpoint: step "
                                           f"{ckpt.latest_step()}")
                 if cfg.eval.every_steps and (step % cfg.eval.every_steps == 0 or step == cfg.train.num_steps):
-                    last_val = self.validate(engine, pool, params)
+                    with profiling.scope("eval"):
+                        last_val = self.validate(engine, pool, params)
                     metrics.update(last_val)
                     if last_val["val/accuracy/overall"] > best:
                         best, since_best = last_val["val/accuracy/overall"], 0
@@ -239,8 +252,9 @@ class Trainer:
                 plateau = cfg.eval.plateau_patience and since_best >= cfg.eval.plateau_patience
                 periodic = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
                 if periodic or step == cfg.train.num_steps or stop or plateau:
-                    ckpt.save(step, params=nnx.to_pure_dict(params), opt_state=opt_state,
-                              extra={"data": prompts.get_state(), "nan_streak": nan_streak})
+                    with profiling.scope("checkpoint"):
+                        ckpt.save(step, params=nnx.to_pure_dict(params), opt_state=opt_state,
+                                  extra={"data": prompts.get_state(), "nan_streak": nan_streak})
                 if stop:
                     log.warning("SIGTERM: checkpoint written at step %d, exiting", step)
                     break
@@ -267,6 +281,31 @@ class Trainer:
         merged = {k: float(np.mean([m[k] for m in collected])) for k in collected[0]}
         merged["skipped_nonfinite"] = float(max(m["skipped_nonfinite"] for m in collected))
         return params, opt_state, merged
+
+    def _throughput(self, minis: list[dict], seconds: float) -> dict:
+        """Model FLOPs of the update (packed causal attention counted per segment) and MFU where the peak is
+        known (H100 / H200); the old-log-prob pass is not counted."""
+        segments = np.concatenate([mb["segment_ids"].reshape(-1, mb["segment_ids"].shape[-1]) for mb in minis])
+        flops = flops_lib.packed_train_flops(self.bundle.config, segments)
+        out = {"throughput/train_tokens_per_s": float((segments > 0).sum()) / seconds,
+               "throughput/train_tflops_per_s": flops / seconds / 1e12}
+        try:
+            peak = flops_lib.peak_flops_for_device(jax.devices()[0].device_kind)
+        except ValueError:  # CPU and unknown accelerators: no MFU
+            return out
+        out["mfu"] = flops_lib.mfu(flops / seconds / self.mesh.size, peak)
+        return out
+
+    def _dump_hlo(self, step_fn: GRPOStep, engine: Qwen3Engine, params, minis: dict) -> None:
+        """Optimised HLO of the gradient step and of the decode step, into WORKDIR/hlo/."""
+        out = os.path.join(self.cfg.workdir, "hlo")
+        first = {k: v[0] for k, v in minis.items()}
+        grad_fn = step_fn.functions_for(step_fn.slots_for(minis))[1]
+        grads = jax.tree.map(jax.numpy.zeros_like, params)
+        profiling.dump_hlo(grad_fn, params, grads, first, first["rollout_logprobs"], first["rollout_logprobs"],
+                           np.float32(1.0), path=os.path.join(out, "train_grad.hlo.txt"))
+        profiling.dump_hlo(engine.generate_function, params, engine.init_decode_state(),
+                           num_steps=RolloutLimits.decode_steps_per_call, path=os.path.join(out, "decode.hlo.txt"))
 
     def _state_from_pure(self, pure):
         params = jax.tree.map(lambda x: x, self.bundle.abstract_params)
@@ -334,7 +373,7 @@ def abstract_train_step(cfg) -> AbstractStep:
                     batch_sharding=trainer.batch_sharding)
     slots = length if trainer.step_settings.compact_logits else None
     denominator = jax.ShapeDtypeStruct((), np.float32)
-    return AbstractStep(trainer, step._jitted(slots)[1], (params, params, mb, floats, floats, denominator),
+    return AbstractStep(trainer, step.functions_for(slots)[1], (params, params, mb, floats, floats, denominator),
                         step._apply, (params, trainer.abstract_opt, params))
 
 

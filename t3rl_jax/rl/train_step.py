@@ -145,7 +145,7 @@ class GRPOStep:
             return None
         return loss_slots(batch["loss_mask"], batch["tokens"].shape[-1])
 
-    def _jitted(self, num_slots: int | None):
+    def functions_for(self, num_slots: int | None):
         """(logprobs, grad) functions compiled for one static number of logit positions per row."""
         if num_slots not in self._compiled:
             p, _, b = self._shardings
@@ -170,7 +170,7 @@ class GRPOStep:
 
     def logprobs(self, params, batch: dict):
         """Token log-probs [micro, rows, length] under `params` (old policy or reference), no gradient."""
-        fn = self._jitted(self.slots_for(batch))[0]
+        fn = self.functions_for(self.slots_for(batch))[0]
         return [fn(params, mb) for mb in _split(batch)]
 
     def _grad_impl(self, params, grads, mb, old, ref, denominator, *, num_slots):
@@ -187,6 +187,10 @@ class GRPOStep:
         return jax.tree.map(jnp.add, grads, g), metrics
 
     def _apply_impl(self, params, opt_state, grads):
+        with jax.named_scope("optimizer"):
+            return self._apply_body(params, opt_state, grads)
+
+    def _apply_body(self, params, opt_state, grads):
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(grad_norm)
         updates, new_opt = self.optimizer.update(grads, opt_state, params)
@@ -215,7 +219,7 @@ class GRPOStep:
         denominator = np.maximum(np.asarray(aggregation_denominator(
             jnp.asarray(batch["loss_mask"]).reshape(-1, length), s.loss.loss_agg,
             segment_ids=jnp.asarray(batch["segment_ids"]).reshape(-1, length))), 1.0)
-        grad_fn = self._jitted(self.slots_for(batch))[1]
+        grad_fn = self.functions_for(self.slots_for(batch))[1]
         grads = jax.tree.map(jnp.zeros_like, params)
         collected = []
         for mb, old, ref in zip(micro, old_logprobs, ref_logprobs):

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from t3rl_jax import profiling
 from t3rl_jax.chat_format import ChatEncoder, to_json
 from t3rl_jax.rollout.engine import Qwen3Engine, SamplingSettings
 from t3rl_jax.rollout.trajectory import Trajectory
@@ -169,9 +170,10 @@ class RolloutDriver:
         chunk = self.engine.max_prefill_length
         t0 = time.perf_counter()
         for i in range(0, len(tail), chunk):
-            state, token, logprob, length = self.engine.extend_slot(
-                params, state, run.slot, tail[i:i + chunk], reset=run.cached == 0 and i == 0,
-                seed=run.request.seed, limit=limit, sampling_settings=self.sampling)
+            with profiling.scope("prefill"):
+                state, token, logprob, length = self.engine.extend_slot(
+                    params, state, run.slot, tail[i:i + chunk], reset=run.cached == 0 and i == 0,
+                    seed=run.request.seed, limit=limit, sampling_settings=self.sampling)
         token, logprob = int(token), float(logprob)
         self.metrics.prefill_seconds += time.perf_counter() - t0
         self.metrics.prefill_tokens += len(tail)
@@ -190,9 +192,10 @@ class RolloutDriver:
 
     def _decode(self, params, state, decoding: list[_Run]):
         t0 = time.perf_counter()
-        state, tokens, logprobs, valid, _ = self.engine.generate_steps(params, state,
-                                                                       self.limits.decode_steps_per_call)
-        tokens, logprobs, valid = np.asarray(tokens), np.asarray(logprobs), np.asarray(valid)
+        with profiling.scope("decode"):
+            state, tokens, logprobs, valid, _ = self.engine.generate_steps(params, state,
+                                                                           self.limits.decode_steps_per_call)
+            tokens, logprobs, valid = np.asarray(tokens), np.asarray(logprobs), np.asarray(valid)
         self.metrics.decode_seconds += time.perf_counter() - t0
         self.metrics.decode_slot_steps += valid.size
         self.metrics.decode_active_slot_steps += int(valid.sum())

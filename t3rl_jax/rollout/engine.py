@@ -263,6 +263,11 @@ class Qwen3Engine(engine_api.Engine):
         """
         return self._generate_jit(params, decode_state, num_steps=num_steps)
 
+    @property
+    def generate_function(self):
+        """The jitted multi-step decode (`num_steps` static), e.g. for HLO dumps."""
+        return self._generate_jit
+
     def generate(self, params, decode_state: DecodeState):
         state, tokens, logprobs, valid, lengths = self._generate_jit(params, decode_state, num_steps=1)
         logprob_bits = jax.lax.bitcast_convert_type(logprobs[0], jnp.int32)

@@ -75,16 +75,25 @@ def sample_rows(keys, logits, *, temperature, top_p, top_k: int = 0, use_top_p: 
     """Like `sample`, with one PRNG key per row, so a row's draw depends only on its own key.
 
     Rollouts key each token by (episode seed, token position): the same episode samples the same tokens whatever
-    slot it runs in and whatever else shares the batch.
+    slot it runs in and whatever else shares the batch. When every row is greedy (evaluation) no random draw over
+    the vocabulary is made at all.
     """
-    def one(key, row, t, p):
-        tok, lp = sample(key, row[None], temperature=t[None], top_p=p[None], top_k=top_k, use_top_p=use_top_p)
-        return tok[0], lp[0]
-
     b = logits.shape[0]
     t = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,))
     p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,))
-    return jax.vmap(one)(keys, logits, t, p)
+    scaled = scaled_logits(logits, t)
+    greedy = jnp.argmax(scaled, axis=-1).astype(jnp.int32)
+
+    def draw():
+        filtered = top_k_mask(scaled, top_k)
+        if use_top_p:
+            filtered = top_p_mask(filtered, p)
+        drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, filtered).astype(jnp.int32)
+        return jnp.where(t > 0, drawn, greedy)
+
+    tokens = jax.lax.cond(jnp.any(t > 0), draw, lambda: greedy)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    return tokens, logprobs
 
 
 def token_keys(seeds, positions):
