@@ -51,3 +51,18 @@ def test_attend_is_invariant_to_token_permutation():
     permuted = np.asarray(attention.attend(q[:, perm], k[:, perm], v[:, perm], q_positions=pos[:, perm],
                                            kv_positions=pos[:, perm], q_segment_ids=seg, kv_segment_ids=seg))
     np.testing.assert_allclose(permuted, base[:, perm], rtol=1e-5, atol=1e-6)
+
+
+def test_single_query_decode_path_equals_dense_for_one_and_many_rows():
+    # Regression: a multiply-and-reduce form was wrong on XLA CPU for one row with >= 128 keys.
+    import jax
+
+    rng = np.random.default_rng(2)
+    for b, s in ((1, 64), (1, 128), (1, 1000), (3, 300)):
+        q = rng.standard_normal((b, 1, 4, 8)).astype(np.float32)
+        k, v = (rng.standard_normal((b, s, 2, 8)).astype(np.float32) for _ in range(2))
+        mask = np.zeros((b, 1, s), bool)
+        mask[:, 0, : s // 2] = True
+        got = np.asarray(jax.jit(attention.single_query_attention)(q, k, v, mask))
+        want = np.asarray(jax.jit(attention.dot_product_attention)(q, k, v, mask))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

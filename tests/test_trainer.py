@@ -13,7 +13,7 @@ from t3rl_jax.config import ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Deterministic metrics only: timings and throughput differ between runs.
-VOLATILE = ("time/", "rollout/")
+VOLATILE = ("time/", "rollout/", "throughput/", "mfu")
 
 
 def _overrides(workdir, splits, steps):
