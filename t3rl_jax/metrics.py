@@ -28,6 +28,7 @@ import math
 import os
 import re
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -155,8 +156,17 @@ class MetricsLogger:
             run_id = uuid.uuid4().hex[:12]
             with open(id_file, "w") as f:
                 f.write(run_id)
-        return wandb.init(dir=self.workdir, project=project, name=run_name, config=dict(config_dict or {}),
-                          mode=mode, id=run_id, resume="allow")
+        kwargs = dict(dir=self.workdir, project=project, name=run_name, config=dict(config_dict or {}), mode=mode)
+        try:
+            return wandb.init(id=run_id, resume="allow", **kwargs)
+        except Exception as e:  # noqa: BLE001 - logging must never block a resume
+            # After a hard kill the old run's wandb service can still hold its id ("run ID ... is in use"):
+            # continue in a fresh wandb run; metrics.jsonl stays the one continuous record.
+            warnings.warn(f"wandb could not resume run {run_id} ({e}); logging to a new wandb run")
+            run_id = uuid.uuid4().hex[:12]
+            with open(id_file, "w") as f:
+                f.write(run_id)
+            return wandb.init(id=run_id, **kwargs)
 
     @property
     def wandb_dir(self) -> str | None:

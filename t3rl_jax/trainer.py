@@ -32,6 +32,7 @@ from t3rl_jax.evaluation import category_of, score_trajectories
 from t3rl_jax.metrics import MetricsLogger
 from t3rl_jax.models import hf_io
 from t3rl_jax.models.context_parallel import load_balance_batch
+from t3rl_jax.plots import plot_metrics
 from t3rl_jax.rl import batching
 from t3rl_jax.rl.advantages import group_advantages
 from t3rl_jax.rl.group_filter import filter_zero_variance
@@ -263,6 +264,8 @@ class Trainer:
                     break
         ckpt.close()
         logger.close()
+        if jax.process_index() == 0:
+            plot_metrics(cfg.workdir)
         if not stop:
             self.export(params)
         return {"step": step, **last_val}

@@ -108,7 +108,8 @@ def test_plot_metrics_writes_one_png_per_group(tmp_path):
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-    from plot_metrics import main, plot_metrics
+    from plot_metrics import main
+    from t3rl_jax.plots import plot_metrics
 
     with MetricsLogger(tmp_path, config_dict={}, wandb_mode="disabled", show_progress=False) as log:
         for step in range(1, 5):

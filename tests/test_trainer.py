@@ -31,6 +31,7 @@ def _cmd(overrides):
 def _env():
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["WANDB_MODE"] = "offline"  # exercise the wandb resume path after a hard kill
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
