@@ -35,7 +35,7 @@ from t3rl_jax.models.context_parallel import load_balance_batch
 from t3rl_jax.plots import plot_metrics
 from t3rl_jax.rl import batching
 from t3rl_jax.rl.advantages import group_advantages
-from t3rl_jax.rl.group_filter import filter_zero_variance
+from t3rl_jax.rl.group_filter import has_reward_variance, top_up_groups
 from t3rl_jax.rl.grpo import LossSettings
 from t3rl_jax.rl.train_step import GRPOStep, StepSettings, make_optimizer, micro_batch
 from t3rl_jax.rollout.driver import EpisodeRequest, RolloutDriver, RolloutLimits
@@ -43,6 +43,7 @@ from t3rl_jax.rollout.engine import Qwen3Engine, SamplingSettings
 from t3rl_jax.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
+MAX_REFILL_ROUNDS = 2  # extra prompt batches a step may roll out to replace zero-variance groups
 
 
 class TrainingStopped(RuntimeError):
@@ -131,10 +132,10 @@ class Trainer:
                              max_response_tokens=r.max_response_tokens, max_context_tokens=r.max_context_tokens)
 
     # ------------------------------------------------------------------ one step
-    def _requests(self, step: int, prompts: list[dict]) -> list[EpisodeRequest]:
+    def _requests(self, step: int, prompts: list[dict], first_group: int = 0) -> list[EpisodeRequest]:
         cfg = self.cfg
         out = []
-        for g, record in enumerate(prompts):
+        for g, record in enumerate(prompts, start=first_group):
             eid = data_lib.entry_id(record)
             for s in range(cfg.rollout.samples_per_prompt):
                 out.append(EpisodeRequest(eid, group_id=g, sample_index=s, seed=episode_seed(cfg.seed, step, g, s),
@@ -142,24 +143,56 @@ class Trainer:
                                           category=category_of(eid)))
         return out
 
-    def _batch(self, trajs, num_groups: int):
+    def _rollout_groups(self, step: int, prompts, driver: RolloutDriver, params):
+        """GRPO groups for one step -> (groups to train on, every trajectory rolled out, stats).
+
+        With the zero-variance filter on, groups whose samples all scored the same are dropped (their advantages
+        would be 0); with `algo.refill_groups` more prompts are rolled out, at most MAX_REFILL_ROUNDS batches,
+        until `data.prompts_per_step` groups have reward variance.
+        """
         cfg = self.cfg
         n = cfg.rollout.samples_per_prompt
-        rewards = np.asarray([t.reward for t in trajs], np.float32).reshape(num_groups, n)
-        keep = np.arange(num_groups)
-        dropped = 0
-        if cfg.algo.filter_zero_variance:
-            result = filter_zero_variance(rewards)
-            keep, dropped = result.kept_indices, result.num_dropped
-        if len(keep) == 0:
-            return None, {"groups/kept": 0.0, "groups/dropped": float(dropped)}
-        adv = np.asarray(group_advantages(jax.numpy.asarray(rewards[keep]), mode=cfg.algo.advantage,
-                                          eps=cfg.algo.adv_eps)).reshape(len(keep), n)
+        first = next(prompts)
+        trajs = driver.run(self._requests(step, first), params)
+        every = list(trajs)
+        groups = [trajs[g * n:(g + 1) * n] for g in range(len(first))]
+        if not cfg.algo.filter_zero_variance:
+            return groups, every, {"groups/kept": float(len(groups)), "groups/dropped": 0.0}
+        varied = has_reward_variance(np.asarray([[t.reward for t in g] for g in groups], np.float32))
+        kept = [g for g, v in zip(groups, varied) if v]
+        stats = {"groups/dropped": float(len(groups) - len(kept))}
+        if cfg.algo.refill_groups:
+            def extras():
+                offset = len(first)
+                for _ in range(MAX_REFILL_ROUNDS):
+                    more = next(prompts)
+                    rolled = driver.run(self._requests(step, more, first_group=offset), params)
+                    every.extend(rolled)
+                    offset += len(more)
+                    yield from (rolled[g * n:(g + 1) * n] for g in range(len(more)))
+
+            topped = top_up_groups(kept, extras(), cfg.data.prompts_per_step,
+                                   rewards_of=lambda group: [t.reward for t in group])
+            kept = topped.groups
+            stats.update({"groups/refill_drawn": float(topped.num_drawn),
+                          "groups/refill_rejected": float(topped.num_rejected)})
+        stats["groups/kept"] = float(len(kept))
+        return kept, every, stats
+
+    def _batch(self, groups):
+        """Kept GRPO groups -> mini-batches of packed micro-batches (None when no group is left)."""
+        cfg = self.cfg
+        if not groups:
+            return None, {}
+        n = cfg.rollout.samples_per_prompt
+        rewards = np.asarray([[t.reward for t in g] for g in groups], np.float32)
+        adv = np.asarray(group_advantages(jax.numpy.asarray(rewards), mode=cfg.algo.advantage,
+                                          eps=cfg.algo.adv_eps)).reshape(len(groups), n)
         # Mini-batches split whole groups, so each optimizer step sees complete GRPO groups.
-        parts = [p for p in np.array_split(np.arange(len(keep)), cfg.train.mini_batches_per_step) if len(p)]
+        parts = [p for p in np.array_split(np.arange(len(groups)), cfg.train.mini_batches_per_step) if len(p)]
         minis, truncated, padding = [], 0, []
         for part in parts:
-            kept = [trajs[keep[i] * n + s] for i in part for s in range(n)]
+            kept = [t for i in part for t in groups[i]]
             packed = batching.pack(kept, adv[part].reshape(-1), row_length=cfg.train.max_seq_len,
                                    pad_rows_to_multiple=self.rows_per_micro)
             arrays = packed.as_dict()
@@ -168,8 +201,7 @@ class Trainer:
             minis.append(micro_batch(arrays, packed.tokens.shape[0] // self.rows_per_micro))
             truncated += packed.num_truncated
             padding.append(float(1.0 - (packed.segment_ids > 0).mean()))
-        stats = {"groups/kept": float(len(keep)), "groups/dropped": float(dropped),
-                 "length/truncated_episodes": float(truncated), "length/padding_fraction": float(np.mean(padding))}
+        stats = {"length/truncated_episodes": float(truncated), "length/padding_fraction": float(np.mean(padding))}
         return minis, stats
 
     # ------------------------------------------------------------------ the loop
@@ -213,13 +245,13 @@ class Trainer:
             while step < cfg.train.num_steps:
                 with session.step(step):
                     t0 = time.perf_counter()
-                    prompt_batch = next(prompts)
                     with profiling.scope("rollout"):
-                        trajs = driver.run(self._requests(step, prompt_batch), params)
+                        groups, trajs, group_stats = self._rollout_groups(step, prompts, driver, params)
                     t_rollout = time.perf_counter() - t0
                     metrics = self._rollout_metrics(trajs)
                     metrics.update(driver.metrics.summary())
-                    batch, stats = self._batch(trajs, len(prompt_batch))
+                    metrics.update(group_stats)
+                    batch, stats = self._batch(groups)
                     metrics.update(stats)
                     t1 = time.perf_counter()
                     if batch is not None:
