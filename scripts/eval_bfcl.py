@@ -24,9 +24,8 @@ import time
 from environments.bfcl import catalog, splits
 from environments.bfcl.pool import EnvPool
 from t3rl_jax.chat_format import ChatEncoder
-from t3rl_jax.config import config_from_argv
 from t3rl_jax.evaluation import category_of, markdown_table, score_trajectories
-from t3rl_jax.model_loading import load_model
+from t3rl_jax.model_loading import add_model_source_args, load_model_from_args, split_config_args
 from t3rl_jax.rollout.driver import EpisodeRequest, RolloutDriver, RolloutLimits
 from t3rl_jax.rollout.engine import Qwen3Engine, SamplingSettings
 from t3rl_jax.rollout.scripted import ground_truth_reply
@@ -96,15 +95,10 @@ def write_results(out_dir: str, trajectories, scores: dict, run_info: dict) -> s
 
 
 def parse_args(argv):
-    run_config = None
-    if any(a == "--config" or a.startswith(("--config=", "--config.")) for a in argv):
-        run_config, argv = config_from_argv(argv)
+    run_config, argv = split_config_args(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="trainer workdir / checkpoints dir / step dir, or a params checkpoint")
-    src.add_argument("--hf_dir", help="Hugging Face model directory")
-    p.add_argument("--step", type=int, help="step of a trainer checkpoint (default: latest)")
+    add_model_source_args(p)
     p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--categories", nargs="+", default=list(catalog.CATEGORIES), choices=catalog.CATEGORIES)
     p.add_argument("--max_entries", type=int, help="at most N entries per category (quick runs)")
@@ -120,8 +114,6 @@ def parse_args(argv):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--param_dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     args = p.parse_args(argv)
     if args.max_entries is not None and args.max_entries < 1:
         p.error(f"--max_entries must be >= 1, got {args.max_entries}")
@@ -132,8 +124,7 @@ def main(argv=None) -> int:
     args, run_config = parse_args(list(sys.argv[1:] if argv is None else argv))
     start = time.time()
     entry_ids = eval_entry_ids(args.split, args.categories, args.max_entries)
-    model, config = load_model(checkpoint=args.checkpoint, hf_dir=args.hf_dir, run_config=run_config,
-                               step=args.step, param_dtype=args.param_dtype, compute_dtype=args.dtype)
+    model, config = load_model_from_args(args, run_config)
     limits = RolloutLimits(max_steps_per_turn=args.max_steps_per_turn, max_model_calls=args.max_model_calls,
                            max_response_tokens=args.max_response_tokens, max_context_tokens=args.max_context_tokens)
     sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p)

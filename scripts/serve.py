@@ -29,8 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t3rl_jax.config import config_from_argv
-from t3rl_jax.model_loading import load_model
+from t3rl_jax.model_loading import add_model_source_args, load_model_from_args, split_config_args
 from t3rl_jax.rollout.engine import Qwen3Engine, QwenJetStreamTokenizer, SamplingSettings
 from t3rl_jax.rollout.jetstream_compat import engine_api, import_orchestrator
 from t3rl_jax.tokenizer import load_tokenizer
@@ -175,15 +174,10 @@ def build_engine(model, *, slots: int, max_prefill_length: int, max_cache_length
 
 
 def parse_args(argv):
-    run_config = None
-    if any(a == "--config" or a.startswith(("--config=", "--config.")) for a in argv):
-        run_config, argv = config_from_argv(argv)
+    run_config, argv = split_config_args(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="trainer workdir / checkpoints dir / step dir, or a params checkpoint")
-    src.add_argument("--hf_dir", help="Hugging Face model directory")
-    p.add_argument("--step", type=int, help="step of a trainer checkpoint (default: latest)")
+    add_model_source_args(p)
     p.add_argument("--port", type=int, default=9000)
     p.add_argument("--slots", type=int, default=8, help="concurrent requests (decode slots)")
     p.add_argument("--max_prefill_length", type=int, default=8192, choices=PREFILL_BUCKETS)
@@ -191,9 +185,6 @@ def parse_args(argv):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--param_dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="compute and KV-cache dtype (bfloat16 on GPU)")
     return p.parse_args(argv), run_config
 
 
@@ -204,8 +195,7 @@ def _raise_interrupt(signum, frame):
 def main(argv=None) -> int:
     args, run_config = parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model, config = load_model(checkpoint=args.checkpoint, hf_dir=args.hf_dir, run_config=run_config,
-                               step=args.step, param_dtype=args.param_dtype, compute_dtype=args.dtype)
+    model, config = load_model_from_args(args, run_config)
     engine = build_engine(model, slots=args.slots, max_prefill_length=args.max_prefill_length,
                           max_cache_length=args.max_cache_length, cache_dtype=jnp.dtype(args.dtype),
                           sampling=SamplingSettings(args.temperature, args.top_p, args.top_k))

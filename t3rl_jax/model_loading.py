@@ -87,3 +87,30 @@ def load_model(*, checkpoint: str | None = None, hf_dir: str | None = None, run_
     restored = restore_params_only(_checkpoint_source(checkpoint), nnx.to_pure_dict(state), step=step)
     nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state), config
+
+
+def split_config_args(argv: list[str]):
+    """(run config or None, remaining argv): `--config=NAME [--config.KEY=VALUE]` names the architecture of a
+    trainer checkpoint that does not describe itself."""
+    from t3rl_jax.config import config_from_argv
+
+    if any(a == "--config" or a.startswith(("--config=", "--config.")) for a in argv):
+        return config_from_argv(argv)
+    return None, argv
+
+
+def add_model_source_args(parser) -> None:
+    """The model-source flags shared by the command-line tools (eval, serve)."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="trainer workdir / checkpoints dir / step dir, or a params checkpoint")
+    src.add_argument("--hf_dir", help="Hugging Face model directory")
+    parser.add_argument("--step", type=int, help="step of a trainer checkpoint (default: latest)")
+    parser.add_argument("--param_dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="compute and KV-cache dtype (bfloat16 on GPU)")
+
+
+def load_model_from_args(args, run_config=None):
+    """`load_model` from flags added by `add_model_source_args`."""
+    return load_model(checkpoint=args.checkpoint, hf_dir=args.hf_dir, run_config=run_config, step=args.step,
+                      param_dtype=args.param_dtype, compute_dtype=args.dtype)

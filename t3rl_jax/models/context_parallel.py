@@ -78,12 +78,9 @@ def visible_pairs_per_shard(positions, segment_ids, cp: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- local kernels
 
 
-def _gathered_attention(axis: str, block_size: int):
-    """Per-device attention with K/V all-gathered over `axis` (runs inside shard_map)."""
-    gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
-
-    def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-        return ca.blockwise_forward(q, gather(k), gather(v), q_pos, gather(kv_pos), q_seg, gather(kv_seg), block_size)
+def _with_vjp(forward, backward):
+    """Attention with a hand-written backward: `forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> (out, lse)` in
+    grouped layout; `backward(residuals, dout)` gets (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)."""
 
     @jax.custom_vjp
     def attend_local(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
@@ -93,6 +90,17 @@ def _gathered_attention(axis: str, block_size: int):
         out, lse = forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
         return ca.ungroup_output(out, q.dtype), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
 
+    attend_local.defvjp(fwd, backward)
+    return attend_local
+
+
+def _gathered_attention(axis: str, block_size: int):
+    """Per-device attention with K/V all-gathered over `axis` (runs inside shard_map)."""
+    gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
+
+    def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+        return ca.blockwise_forward(q, gather(k), gather(v), q_pos, gather(kv_pos), q_seg, gather(kv_seg), block_size)
+
     def bwd(residuals, dout):
         q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
         dout_g = ca.group_cotangent(dout, k.shape[2])
@@ -101,8 +109,7 @@ def _gathered_attention(axis: str, block_size: int):
         scatter = lambda g: jax.lax.psum_scatter(g, axis, scatter_dimension=1, tiled=True)
         return dq.astype(q.dtype), scatter(dk).astype(k.dtype), scatter(dv).astype(v.dtype), None, None, None, None
 
-    attend_local.defvjp(fwd, bwd)
-    return attend_local
+    return _with_vjp(forward, bwd)
 
 
 def _ring_attention(axis: str, cp: int, block_size: int):
@@ -122,14 +129,6 @@ def _ring_attention(axis: str, cp: int, block_size: int):
         (out, lse, *_), _ = jax.lax.scan(hop, carry, None, length=cp - 1)
         return out, lse
 
-    @jax.custom_vjp
-    def attend_local(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-        return ca.ungroup_output(forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg)[0], q.dtype)
-
-    def fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-        out, lse = forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-        return ca.ungroup_output(out, q.dtype), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
-
     def bwd(residuals, dout):
         q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
         dout_g = ca.group_cotangent(dout, k.shape[2])
@@ -147,8 +146,7 @@ def _ring_attention(axis: str, cp: int, block_size: int):
         (dq, *_, dk, dv), _ = jax.lax.scan(hop, init, None, length=cp)
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
-    attend_local.defvjp(fwd, bwd)
-    return attend_local
+    return _with_vjp(forward, bwd)
 
 
 # ----------------------------------------------------------------------------- factory
