@@ -215,6 +215,7 @@ class Trainer:
         ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                             async_save=cfg.checkpoint.async_save)
         start, nan_streak = 0, 0
+        best, since_best = -1.0, 0  # validation accuracy plateau tracking (checkpointed)
         resume_step = ckpt.latest_step() if cfg.resume == "auto" else None
         if resume_step is not None:
             start, params, opt_state, extra = ckpt.restore(abstract_params=nnx.to_pure_dict(
@@ -222,6 +223,7 @@ class Trainer:
             params = self._state_from_pure(params)
             prompts.set_state(extra["data"])
             nan_streak = int(extra.get("nan_streak", 0))
+            best, since_best = float(extra.get("best_val", -1.0)), int(extra.get("since_best", 0))
             log.info("resumed from step %d", start)
         else:
             params = model_factory.init_params(cfg, self.bundle)
@@ -234,10 +236,25 @@ class Trainer:
                            batch_sharding=self.batch_sharding)
         ref_params = jax.tree.map(lambda x: x.copy(), params) if self.step_settings.loss.needs_reference else None
         engine = self._engine(params)
-        last_val: dict = {}
-        best, since_best = -1.0, 0
         session = profiling.ProfileSession(cfg.workdir, start_step=cfg.profile.start_step,
                                            num_steps=cfg.profile.num_steps, port=cfg.profile.port)
+        try:
+            step, last_val, stop = self._loop(start, params, opt_state, prompts, ckpt, logger, session, step_fn,
+                                              ref_params, engine, nan_streak, best, since_best)
+        finally:
+            # Also on errors (e.g. TrainingStopped): a pending async save must reach the disk.
+            ckpt.close()
+            logger.close()
+        if jax.process_index() == 0:
+            plot_metrics(cfg.workdir)
+        if not stop:
+            self.export(engine.params)
+        return {"step": step, **last_val}
+
+    def _loop(self, start, params, opt_state, prompts, ckpt, logger, session, step_fn, ref_params, engine,
+              nan_streak, best, since_best):
+        cfg = self.cfg
+        last_val: dict = {}
         with EnvPool(cfg.env.num_workers, step_timeout_s=cfg.env.step_timeout_s) as pool, SigtermFlag() as stop, \
                 session:
             driver = RolloutDriver(engine, pool, self.chat, limits=self._limits(cfg.rollout.max_steps_per_turn))
@@ -287,20 +304,15 @@ class Trainer:
                 if periodic or step == cfg.train.num_steps or stop or plateau:
                     with profiling.scope("checkpoint"):
                         ckpt.save(step, params=nnx.to_pure_dict(params), opt_state=opt_state,
-                                  extra={"data": prompts.get_state(), "nan_streak": nan_streak})
+                                  extra={"data": prompts.get_state(), "nan_streak": nan_streak, "best_val": best,
+                                         "since_best": since_best})
                 if stop:
                     log.warning("SIGTERM: checkpoint written at step %d, exiting", step)
                     break
                 if plateau:
                     log.info("validation accuracy plateaued for %d evaluations; ending the stage", since_best)
                     break
-        ckpt.close()
-        logger.close()
-        if jax.process_index() == 0:
-            plot_metrics(cfg.workdir)
-        if not stop:
-            self.export(params)
-        return {"step": step, **last_val}
+        return step, last_val, bool(stop)
 
     def _update(self, step_fn: GRPOStep, params, opt_state, ref_params, minis: list[dict]):
         """One optimizer step per mini-batch; the PPO anchor is the policy that generated the rollouts, so
