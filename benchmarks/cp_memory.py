@@ -99,7 +99,7 @@ def main(argv=None) -> int:
             if args.num_layers:
                 overrides["model.num_layers"] = args.num_layers
             step = abstract_train_step(load_config("stage2", overrides))
-            m = fit_check.compile_and_measure(step.grad_fn, step.grad_args)
+            m = fit_check.compile_and_measure(step.grad_fn, step.grad_args)  # fwd+bwd, gradients as outputs
             temp[seq_len, cp_size] = m["temp_bytes"]
             print(f"{memory_strategy:>10} {seq_len:>8} {cp_size:>3} {','.join(map(str, mesh)):>9} "
                   f"{m['temp_bytes'] / 2**30:9.2f} {m['argument_bytes'] / 2**30:9.2f} "

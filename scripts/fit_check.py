@@ -6,8 +6,8 @@
 
 Builds the config's model, mesh (on fake CPU devices: `--devices`, default 8), shardings and optimizer exactly as
 the trainer does, with abstract `jax.ShapeDtypeStruct` inputs (nothing is allocated), then compiles the trainer's
-two jitted pieces: the micro-batch gradient (forward + backward of the GRPO loss, logits at every position) and the
-optimizer update. Prints XLA's per-device `memory_analysis()` and `cost_analysis()` FLOPs (XLA counts a loop body
+jitted pieces: the micro-batch gradient (forward + backward of the GRPO loss, logits at every position), its
+variant that adds into the gradient buffer of earlier micro-batches, and the optimizer update. Prints XLA's per-device `memory_analysis()` and `cost_analysis()` FLOPs (XLA counts a loop body
 once, so with the layer scan that figure is about one layer's; the analytic model FLOPs are printed beside it).
 The last line is `per_device_bytes=<int>`: the peak of (gradient step + the resident optimizer state) and the
 optimizer update, each = arguments + outputs - donated aliases + temporaries + code.
@@ -80,10 +80,13 @@ def measure(cfg) -> dict:
 
     step = abstract_train_step(cfg)
     grad = compile_and_measure(step.grad_fn, step.grad_args)
+    accumulate = compile_and_measure(step.accumulate_fn, step.accumulate_args)
     apply = compile_and_measure(step.apply_fn, step.apply_args)
     opt_bytes = tree_bytes_per_device(step.trainer.abstract_opt)
-    peak = max(grad["total_bytes"] + opt_bytes, apply["total_bytes"])
-    return {"step": step, "grad": grad, "apply": apply, "opt_bytes": opt_bytes, "per_device_bytes": peak}
+    # Later micro-batches hold the gradient buffer too, so the accumulating variant is the larger one.
+    peak = max(grad["total_bytes"] + opt_bytes, accumulate["total_bytes"] + opt_bytes, apply["total_bytes"])
+    return {"step": step, "grad": grad, "accumulate": accumulate, "apply": apply, "opt_bytes": opt_bytes,
+            "per_device_bytes": peak}
 
 
 def main(argv=None) -> int:
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
     print(f"config: {cfg.stage}  mesh: {dict(trainer.mesh.shape)}  model: {model_cfg.num_layers} layers, "
           f"{model_cfg.num_params:,} params  micro-batch: {rows} x {seq} tokens")
     gib = lambda n: f"{n / 2**30:8.2f} GiB"  # noqa: E731
-    for name in ("grad", "apply"):
+    for name in ("grad", "accumulate", "apply"):
         for key in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "code_bytes", "total_bytes"):
             print(f"{name + ' ' + key:>22}: {gib(m[name][key])}  ({m[name][key]:,})")
     print(f"{'optimizer state':>22}: {gib(m['opt_bytes'])}")
@@ -112,7 +115,7 @@ def main(argv=None) -> int:
     print(f"{'xla_flops':>22}: {m['grad']['flops']:.4g} per device (XLA cost analysis; loop bodies counted once)")
     print(f"{'model_flops':>22}: {model_flops:.4g} per micro-batch (6*N*tokens + attention), "
           f"{model_flops / devices:.4g} per device")
-    print(f"{'compile':>22}: {m['grad']['compile_s'] + m['apply']['compile_s']:.1f} s")
+    print(f"{'compile':>22}: {sum(m[k]['compile_s'] for k in ('grad', 'accumulate', 'apply')):.1f} s")
     print(f"per_device_bytes={m['per_device_bytes']}")
     return 0
 

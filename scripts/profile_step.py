@@ -125,14 +125,11 @@ def main(argv=None) -> int:
     decode_flops = slots * args.decode_steps * flops.decode_flops_per_token(mcfg, 16 + args.decode_steps / 2)
 
     if cfg.dump_hlo:
-        # GRPOStep keeps its jitted gradient function private (one per static number of loss slots); its `update`
-        # has just compiled it for this batch, so lowering it again here is a cache hit.
-        from t3rl_jax.rl.train_step import loss_slots
-
+        # The micro-batch gradient function `update` has just compiled for this batch (same static slot count).
         mb = {k: v[0] for k, v in batch.items()}
-        grad_fn = step.functions_for(loss_slots(batch["loss_mask"], args.seq_len))[1]
-        profiling.dump_hlo(grad_fn, params, jax.tree.map(jax.numpy.zeros_like, params), mb, mb["rollout_logprobs"],
-                           mb["rollout_logprobs"], np.float32(1.0), path=os.path.join(out, "hlo", "train_grad.txt"))
+        grad_fn = step.functions_for(step.slots_for(batch))[1]
+        profiling.dump_hlo(grad_fn, params, mb, mb["rollout_logprobs"], mb["rollout_logprobs"], np.float32(1.0),
+                           path=os.path.join(out, "hlo", "train_grad.txt"))
         profiling.dump_hlo(engine.generate_function, engine.params, prefilled, num_steps=args.decode_steps,
                            path=os.path.join(out, "hlo", "decode_steps.txt"))
         print(f"HLO written to {os.path.join(out, 'hlo')}")

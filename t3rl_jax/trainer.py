@@ -348,8 +348,7 @@ class Trainer:
         out = os.path.join(self.cfg.workdir, "hlo")
         first = {k: v[0] for k, v in minis.items()}
         grad_fn = step_fn.functions_for(step_fn.slots_for(minis))[1]
-        grads = jax.tree.map(jax.numpy.zeros_like, params)
-        profiling.dump_hlo(grad_fn, params, grads, first, first["rollout_logprobs"], first["rollout_logprobs"],
+        profiling.dump_hlo(grad_fn, params, first, first["rollout_logprobs"], first["rollout_logprobs"],
                            np.float32(1.0), path=os.path.join(out, "train_grad.hlo.txt"))
         profiling.dump_hlo(engine.generate_function, params, engine.init_decode_state(),
                            num_steps=RolloutLimits.decode_steps_per_call, path=os.path.join(out, "decode.hlo.txt"))
@@ -400,8 +399,10 @@ class AbstractStep:
     """The real train step's jitted pieces with abstract (ShapeDtypeStruct) arguments: nothing allocated."""
 
     trainer: Trainer
-    grad_fn: object
+    grad_fn: object          # forward + backward of one micro-batch (gradients as outputs)
     grad_args: tuple
+    accumulate_fn: object    # the same, added into a donated gradient buffer (micro-batches after the first)
+    accumulate_args: tuple
     apply_fn: object
     apply_args: tuple
 
@@ -420,7 +421,9 @@ def abstract_train_step(cfg) -> AbstractStep:
                     batch_sharding=trainer.batch_sharding)
     slots = length if trainer.step_settings.compact_logits else None
     denominator = jax.ShapeDtypeStruct((), np.float32)
-    return AbstractStep(trainer, step.functions_for(slots)[1], (params, params, mb, floats, floats, denominator),
+    _, first, accumulate = step.functions_for(slots)
+    return AbstractStep(trainer, first, (params, mb, floats, floats, denominator),
+                        accumulate, (params, params, mb, floats, floats, denominator),
                         step._apply, (params, trainer.abstract_opt, params))
 
 
@@ -435,5 +438,6 @@ def dry_run(cfg) -> DryRunReport:
     """Build everything for the config's real shapes and lower the train step, allocating no weights."""
     step = abstract_train_step(cfg)
     step.grad_fn.lower(*step.grad_args)
+    step.accumulate_fn.lower(*step.accumulate_args)
     step.apply_fn.lower(*step.apply_args)
     return DryRunReport(step.trainer.bundle.config.num_params, dict(step.trainer.mesh.shape), True)

@@ -31,7 +31,7 @@ BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask", "rol
 class StepSettings:
     loss: LossSettings
     temperature: float = 1.0      # logits are scaled as at sampling time, so ratios compare like with like
-    seq_chunk: int = 2048         # tokens per logits chunk
+    seq_chunk: int = 1024         # tokens per logits chunk (smaller: less CP-invariant memory, measured)
     vocab_chunk: int = 16384      # vocabulary slice inside a chunk
     old_logprobs: str = "trainer"  # "trainer": recomputed before the update; "rollout": the engine's own
     compact_logits: bool = True   # logits only at loss positions (off under context parallelism: the gather
@@ -146,14 +146,20 @@ class GRPOStep:
         return loss_slots(batch["loss_mask"], batch["tokens"].shape[-1])
 
     def functions_for(self, num_slots: int | None):
-        """(logprobs, grad) functions compiled for one static number of logit positions per row."""
+        """(logprobs, first_grad, accumulate_grad) compiled for one static number of logit positions per row.
+
+        The first micro-batch's gradient is the buffer itself (no zero-initialised accumulator, no add); later
+        micro-batches add into it in place (donated).
+        """
         if num_slots not in self._compiled:
             p, _, b = self._shardings
             logprobs = jax.jit(functools.partial(self._logprobs_impl, num_slots=num_slots), in_shardings=(p, b),
                                out_shardings=b)
-            grad = jax.jit(functools.partial(self._grad_impl, num_slots=num_slots),
-                           in_shardings=(p, p, b, b, b, None), out_shardings=(p, None), donate_argnums=(1,))
-            self._compiled[num_slots] = (logprobs, grad)
+            first = jax.jit(functools.partial(self._grad_impl, num_slots=num_slots),
+                            in_shardings=(p, b, b, b, None), out_shardings=(p, None))
+            accumulate = jax.jit(functools.partial(self._accumulate_impl, num_slots=num_slots),
+                                 in_shardings=(p, p, b, b, b, None), out_shardings=(p, None), donate_argnums=(1,))
+            self._compiled[num_slots] = (logprobs, first, accumulate)
         return self._compiled[num_slots]
 
     def _model(self, params):
@@ -173,7 +179,8 @@ class GRPOStep:
         fn = self.functions_for(self.slots_for(batch))[0]
         return [fn(params, mb) for mb in _split(batch)]
 
-    def _grad_impl(self, params, grads, mb, old, ref, denominator, *, num_slots):
+    def _grad_impl(self, params, mb, old, ref, denominator, *, num_slots):
+        """Forward + backward of one micro-batch -> (gradients, metrics)."""
         s = self.settings
 
         def loss_fn(p):
@@ -184,6 +191,10 @@ class GRPOStep:
                              segment_ids=mb["segment_ids"], denominator=denominator)
 
         (_, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return g, metrics
+
+    def _accumulate_impl(self, params, grads, mb, old, ref, denominator, *, num_slots):
+        g, metrics = self._grad_impl(params, mb, old, ref, denominator, num_slots=num_slots)
         return jax.tree.map(jnp.add, grads, g), metrics
 
     def _apply_impl(self, params, opt_state, grads):
@@ -219,11 +230,14 @@ class GRPOStep:
         denominator = np.maximum(np.asarray(aggregation_denominator(
             jnp.asarray(batch["loss_mask"]).reshape(-1, length), s.loss.loss_agg,
             segment_ids=jnp.asarray(batch["segment_ids"]).reshape(-1, length))), 1.0)
-        grad_fn = self.functions_for(self.slots_for(batch))[1]
-        grads = jax.tree.map(jnp.zeros_like, params)
-        collected = []
+        _, first, accumulate = self.functions_for(self.slots_for(batch))
+        denominator = denominator.astype(np.float32)
+        grads, collected = None, []
         for mb, old, ref in zip(micro, old_logprobs, ref_logprobs):
-            grads, metrics = grad_fn(params, grads, mb, old, ref, denominator.astype(np.float32))
+            if grads is None:
+                grads, metrics = first(params, mb, old, ref, denominator)
+            else:
+                grads, metrics = accumulate(params, grads, mb, old, ref, denominator)
             collected.append(metrics)
         host = [{k: float(np.asarray(v)) for k, v in m.items()} for m in collected]
         merged = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
