@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"needs {DEVICES} devices, found {len(jax.devices())} (set XLA_FLAGS before importing jax)")
 
     from t3rl_jax.config import load_config
-    from t3rl_jax.trainer import abstract_train_step
+    from t3rl_jax.step_analysis import abstract_train_step
 
     temp = {}
     header = f"{'strategy':>10} {'seq_len':>8} {'cp':>3} {'mesh':>9} {'temp GiB':>9} {'args GiB':>9} " \

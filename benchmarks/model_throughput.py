@@ -91,7 +91,6 @@ def hf_step(model, tokens):
 def our_step(model):
     """jit(grad of the same loss) over our model's parameters; returns (params, step)."""
     import jax
-    import jax.numpy as jnp
     import optax
     from flax import nnx
 

@@ -76,7 +76,7 @@ def analytic_flops(model_cfg, rows: int, seq_len: int) -> float:
 
 def measure(cfg) -> dict:
     """Compile the config's train step; memory per device of each piece and the peak."""
-    from t3rl_jax.trainer import abstract_train_step
+    from t3rl_jax.step_analysis import abstract_train_step
 
     step = abstract_train_step(cfg)
     grad = compile_and_measure(step.grad_fn, step.grad_args)

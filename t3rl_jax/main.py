@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown arguments: {' '.join(rest)}", file=sys.stderr)
         return 2
     # Imported after argument checks so `--help`-style mistakes answer fast.
-    from t3rl_jax.trainer import Trainer, dry_run
+    from t3rl_jax.step_analysis import dry_run
+    from t3rl_jax.trainer import Trainer
 
     while True:
         if cfg.dry_run:

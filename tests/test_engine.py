@@ -1,8 +1,6 @@
 """Qwen3Engine: greedy parity with transformers, JetStream API semantics, prefix reuse, seeded sampling."""
 
 import numpy as np
-import jax
-import jax.numpy as jnp
 import pytest
 import torch
 
