@@ -66,3 +66,18 @@ def test_top_p_keeps_smallest_prefix_reaching_mass():
     assert counts[2] == counts[3] == 0
     _, p = stats.chisquare(counts[:2], np.array([0.5, 0.3]) / 0.8 * counts[:2].sum())
     assert p > 1e-3
+
+
+def test_inverse_cdf_draw_never_picks_masked_tokens_and_matches_frequencies():
+    logits = np.array([-np.inf, 0.0, -np.inf, 1.0, 0.5, -np.inf], np.float32)
+    n = 20000
+    u = jax.random.uniform(jax.random.key(4), (n,))
+    tokens = np.asarray(sampling.inverse_cdf_draw(u, jnp.tile(jnp.asarray(logits)[None], (n, 1))))
+    counts = np.bincount(tokens, minlength=len(logits))
+    assert counts[[0, 2, 5]].sum() == 0
+    probs = _softmax(logits[[1, 3, 4]].astype(np.float64))
+    _, p = stats.chisquare(counts[[1, 3, 4]], probs * n)
+    assert p > 1e-3
+    # Extreme uniforms stay inside the support.
+    edge = np.asarray(sampling.inverse_cdf_draw(jnp.asarray([0.0, 1.0 - 1e-7]), jnp.tile(jnp.asarray(logits)[None], (2, 1))))
+    assert edge.tolist() == [1, 4]

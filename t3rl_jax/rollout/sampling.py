@@ -46,6 +46,19 @@ def top_p_mask(logits, top_p):
     return jnp.where(keep, logits, _NEG_INF)
 
 
+def inverse_cdf_draw(uniforms, logits):
+    """One token per row from softmax(logits) [B, V] by inverse transform of a uniform [B] in [0, 1).
+
+    Exact sampling with one random number per row. The Gumbel-max trick (`jax.random.categorical`) needs a random
+    number and two logarithms per vocabulary entry: for Qwen3's 151,936-wide vocabulary that was ~5x slower per decode
+    step on CPU. Masked (-inf) entries have zero mass: their cumulative sum is flat and `side="right"` skips them.
+    """
+    cdf = jnp.cumsum(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+    targets = uniforms * cdf[:, -1]
+    picks = jax.vmap(lambda c, u: jnp.searchsorted(c, u, side="right"))(cdf, targets)
+    return jnp.minimum(picks, logits.shape[-1] - 1).astype(jnp.int32)
+
+
 def sample(rng, logits, *, temperature, top_p=1.0, top_k: int = 0, use_top_p: bool = False):
     """Sample one token per row.
 
@@ -63,7 +76,7 @@ def sample(rng, logits, *, temperature, top_p=1.0, top_k: int = 0, use_top_p: bo
     filtered = top_k_mask(scaled, top_k)
     if use_top_p:
         filtered = top_p_mask(filtered, top_p)
-    drawn = jax.random.categorical(rng, filtered, axis=-1)
+    drawn = inverse_cdf_draw(jax.random.uniform(rng, logits.shape[:1]), filtered)
     greedy = jnp.argmax(scaled, axis=-1)
     t = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), logits.shape[:1])
     tokens = jnp.where(t > 0, drawn, greedy).astype(jnp.int32)
@@ -88,7 +101,8 @@ def sample_rows(keys, logits, *, temperature, top_p, top_k: int = 0, use_top_p: 
         filtered = top_k_mask(scaled, top_k)
         if use_top_p:
             filtered = top_p_mask(filtered, p)
-        drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, filtered).astype(jnp.int32)
+        uniforms = jax.vmap(lambda k: jax.random.uniform(k, ()))(keys)
+        drawn = inverse_cdf_draw(uniforms, filtered).astype(jnp.int32)
         return jnp.where(t > 0, drawn, greedy)
 
     tokens = jax.lax.cond(jnp.any(t > 0), draw, lambda: greedy)
