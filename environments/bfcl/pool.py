@@ -249,8 +249,10 @@ class EnvPool:
             with self._lock:
                 worker.pending.pop(request_id, None)
             if isinstance(e, (OSError, ValueError, EOFError)):
-                self._lose(worker, f"could not reach worker: {e}")
-                future.set_exception(EpisodeFailed(key, f"could not reach worker: {e}"))
+                # A broken pipe can win the race with the reader thread noticing the exit: same cause, one message.
+                reason = f"worker process exited (could not reach it: {e})"
+                self._lose(worker, reason)
+                future.set_exception(EpisodeFailed(key, reason))
             else:  # e.g. arguments that cannot be pickled: the request is refused, the episode lives on
                 future.set_exception(EnvRequestError(f"request {op!r} could not be sent: {type(e).__name__}: {e}"))
         return future
