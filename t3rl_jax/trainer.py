@@ -165,7 +165,8 @@ class Trainer:
                 offset = len(first)
                 for _ in range(MAX_REFILL_ROUNDS):
                     more = next(prompts)
-                    rolled = driver.run(self._requests(step, more, first_group=offset), params)
+                    rolled = driver.run(self._requests(step, more, first_group=offset), params,
+                                        reset_metrics=False)
                     every.extend(rolled)
                     offset += len(more)
                     yield from (rolled[g * n:(g + 1) * n] for g in range(len(more)))

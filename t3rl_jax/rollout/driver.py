@@ -121,10 +121,14 @@ class RolloutDriver:
         self.metrics = RolloutMetrics()
 
     # ------------------------------------------------------------------ public
-    def run(self, requests: list[EpisodeRequest], params: Any = None) -> list[Trajectory]:
-        """Run all episodes to completion; trajectories come back in request order."""
+    def run(self, requests: list[EpisodeRequest], params: Any = None, *, reset_metrics: bool = True
+            ) -> list[Trajectory]:
+        """Run all episodes to completion; trajectories come back in request order.
+
+        `reset_metrics=False` adds to the metrics of earlier calls (several rollout rounds in one training step)."""
         params = self.engine.params if params is None else params
-        self.metrics = RolloutMetrics()
+        if reset_metrics:
+            self.metrics = RolloutMetrics()
         start = time.perf_counter()
         queue = collections.deque(enumerate(requests))
         free = list(range(self.engine.max_concurrent_decodes))[::-1]
@@ -155,7 +159,7 @@ class RolloutDriver:
                 waiting = [r.pending for _, r in runs.values() if r.pending is not None]
                 if waiting:
                     cf.wait(waiting, return_when=cf.FIRST_COMPLETED)
-        self.metrics.wall_seconds = time.perf_counter() - start
+        self.metrics.wall_seconds += time.perf_counter() - start
         return out
 
     # ------------------------------------------------------------------ engine side
