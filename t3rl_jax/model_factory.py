@@ -22,6 +22,7 @@ from t3rl_jax.models import hf_io
 from t3rl_jax.models.attention import attend
 from t3rl_jax.models.chunked_attention import flash_attention
 from t3rl_jax.models.context_parallel import make_context_parallel_attention
+from t3rl_jax.models.embedding import make_sharded_embedding_lookup
 from t3rl_jax.models.model_config import Qwen3Config, preset
 from t3rl_jax.models.qwen3 import Qwen3, no_constraint
 
@@ -83,8 +84,10 @@ def build(cfg, mesh: jax.sharding.Mesh, rules=sh.LOGICAL_AXIS_RULES) -> ModelBun
     # times faster than one batched einsum (benchmarks/model_throughput.py).
     attention_fn = (make_context_parallel_attention(mesh, rules) if cp > 1
                     else functools.partial(flash_attention, block_size=TRAIN_ATTENTION_BLOCK))
+    # The explicit lookup keeps XLA from replicating the looked-up activations (models/embedding.py).
     train = nnx.eval_shape(lambda: Qwen3(mcfg, rngs=nnx.Rngs(0), attention_fn=attention_fn,
-                                         activation_constraint=sh.make_activation_constraint(mesh, rules), **kwargs))
+                                         activation_constraint=sh.make_activation_constraint(mesh, rules),
+                                         embedding_fn=make_sharded_embedding_lookup(mesh, rules), **kwargs))
     rollout = nnx.eval_shape(lambda: Qwen3(mcfg, rngs=nnx.Rngs(0), attention_fn=attend,
                                            activation_constraint=no_constraint, **kwargs))
     tg, tparams, trest = nnx.split(train, nnx.Param, ...)

@@ -107,9 +107,15 @@ def make_mesh(config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
                          devices=devices)
 
 
+def spec_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names) as a tuple."""
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def axis_size(mesh: Mesh, axes: str | Sequence[str]) -> int:
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(mesh.shape[a] for a in spec_axes(axes))
 
 
 # ----------------------------------------------------------------------------- validation

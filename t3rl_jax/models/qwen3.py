@@ -4,7 +4,7 @@ Layer parameters are stacked on a leading `layers` axis, so one parameter layout
 `jax.lax.scan` over layers (fast compiles) and a plain Python loop (`scan_layers=False`).
 Parameters carry logical axis names only (`out_sharding` metadata, read by
 `nnx.get_partition_spec`); the mapping to mesh axes lives in the sharding layer, which can also
-plug in an `activation_constraint(x, logical_axes)` and a different `attention_fn`.
+plug in an `activation_constraint(x, logical_axes)`, a different `attention_fn` and a mesh-aware `embedding_fn`.
 
 Activations use the logical names `batch` and `length` besides the parameter names.
 """
@@ -21,6 +21,7 @@ from flax import nnx
 
 from t3rl_jax.models import kv_cache as kvc
 from t3rl_jax.models.attention import attend
+from t3rl_jax.models.embedding import take_embedding
 from t3rl_jax.models.model_config import Qwen3Config
 
 REMAT_POLICIES = {
@@ -171,7 +172,8 @@ class Qwen3(nnx.Module):
 
     def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
                  compute_dtype=jnp.float32, scan_layers: bool = True, remat_policy: str = "none",
-                 attention_fn: Callable = attend, activation_constraint: Callable = no_constraint):
+                 attention_fn: Callable = attend, activation_constraint: Callable = no_constraint,
+                 embedding_fn: Callable = take_embedding):
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={remat_policy!r} unknown; choose one of {', '.join(REMAT_POLICIES)}")
         self.config = config
@@ -180,6 +182,7 @@ class Qwen3(nnx.Module):
         self.remat_policy = remat_policy
         self.attention_fn = attention_fn
         self.activation_constraint = activation_constraint
+        self.embedding_fn = embedding_fn  # (table, tokens, compute_dtype) -> [B, T, E]
         e, v = config.hidden_size, config.vocab_size
         self.embed = _param(rngs, (v, e), ("vocab", "embed"), "normal", param_dtype)
         self.layers = DecoderStack(config, param_dtype=param_dtype, rngs=rngs)
@@ -213,7 +216,7 @@ class Qwen3(nnx.Module):
         _check_inputs(tokens, positions, segment_ids)
         rt = _Runtime(eps=cfg.rms_norm_eps, compute_dtype=self.compute_dtype, attention_fn=self.attention_fn,
                       constrain=self.activation_constraint)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.compute_dtype)
+        x = self.embedding_fn(self.embed[...], tokens, self.compute_dtype)
         x = rt.constrain(x, ("batch", "length", "embed"))
         inv_freq, scale = cfg.rope_frequencies()
         cos, sin = rope_tables(positions, inv_freq, scale, self.compute_dtype)

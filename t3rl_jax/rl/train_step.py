@@ -4,6 +4,8 @@ A batch is a dict of arrays shaped [micro_batches, rows, length] (see `rl.batchi
 `micro_batch`). Token log-probs and entropies are computed from the final hidden states one sequence chunk at a
 time under `jax.checkpoint`, and each chunk's vocabulary in slices (`rl.entropy`), so no [rows, length, vocab]
 logits array ever exists: at 18k tokens and Qwen3's 151,936-wide vocabulary it would be 11 GB per row in float32.
+When the output weight is sharded (FSDP), each chunk's projection is instead split over the vocabulary across the
+devices holding the weight (`rl.vocab_parallel`), so no device gathers the whole weight or its gradient.
 
 Every micro-batch divides by the *whole* batch's aggregation denominator, so accumulated gradients equal one
 full-batch gradient. A non-finite loss or gradient norm skips the update (parameters and optimizer state are kept)
@@ -19,10 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from t3rl_jax.rl.aggregation import aggregation_denominator
 from t3rl_jax.rl.entropy import logprobs_and_entropy_chunked
 from t3rl_jax.rl.grpo import LossSettings, grpo_loss
+from t3rl_jax.rl.vocab_parallel import VocabParallelLogprobs
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask", "rollout_logprobs", "advantages")
 
@@ -31,7 +35,7 @@ BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask", "rol
 class StepSettings:
     loss: LossSettings
     temperature: float = 1.0      # logits are scaled as at sampling time, so ratios compare like with like
-    seq_chunk: int = 1024         # tokens per logits chunk (smaller: less CP-invariant memory, measured)
+    seq_chunk: int = 1024         # tokens per row per logits chunk (its f32 logits: the loss's largest temporary)
     vocab_chunk: int = 16384      # vocabulary slice inside a chunk
     old_logprobs: str = "trainer"  # "trainer": recomputed before the update; "rollout": the engine's own
     compact_logits: bool = True   # logits only at loss positions (off under context parallelism: the gather
@@ -82,14 +86,40 @@ def loss_slots(loss_mask, length: int) -> int:
     return min(max(slots, 16), length)
 
 
+def output_weight(model):
+    """The LM head as [embed, vocab] in the parameter dtype (the tied embedding table transposed)."""
+    return model.embed[...].T if model.config.tie_word_embeddings else model.lm_head[...]
+
+
+def vocab_parallel_for(model, param_shardings, batch_sharding) -> VocabParallelLogprobs | None:
+    """The vocab-parallel loss projection for a sharded output weight, or None when nothing shards it."""
+    if param_shardings is None or not isinstance(batch_sharding, NamedSharding):
+        return None
+    tied = model.config.tie_word_embeddings
+    spec = tuple(param_shardings["embed" if tied else "lm_head"].get_value().spec)
+    spec = spec + (None,) * (2 - len(spec))
+    vp = VocabParallelLogprobs(batch_sharding.mesh, PartitionSpec(*(spec[::-1] if tied else spec)),
+                               batch_sharding.spec)
+    return vp if vp.group else None
+
+
+def _chunk_width(width: int, seq_chunk: int, multiple: int) -> int | None:
+    """The largest divisor of `width` not above `seq_chunk` that is a multiple of `multiple` (None if none)."""
+    return next((c for c in range(min(seq_chunk, width), 0, -1) if width % c == 0 and c % multiple == 0), None)
+
+
 def token_logprobs_and_entropy(model, tokens, positions, segment_ids, targets, loss_mask=None, *,
-                               temperature: float, seq_chunk: int, vocab_chunk: int, num_slots: int | None = None):
+                               temperature: float, seq_chunk: int, vocab_chunk: int, num_slots: int | None = None,
+                               vocab_parallel: VocabParallelLogprobs | None = None):
     """Log-prob of each target token and the entropy of each position's distribution, both [rows, length].
 
     With `num_slots`, logits are computed only at the first `num_slots` positions of each row ordered masked-first:
     every masked target is among them (the caller sizes `num_slots` from the mask), and the vocabulary projection,
     by far the largest cost for long prompts with short replies, runs on those positions alone. Values at other
     positions are 0 and must be masked by the caller.
+
+    With `vocab_parallel` (a sharded output weight), each chunk's projection is split over the vocabulary across
+    the devices that shard the weight instead of gathering the whole weight on each (`rl/vocab_parallel.py`).
     """
     hidden = model.hidden_states(tokens, positions, segment_ids)
     rows, length, embed = hidden.shape
@@ -99,13 +129,26 @@ def token_logprobs_and_entropy(model, tokens, positions, segment_ids, targets, l
         hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
         targets = jnp.take_along_axis(targets, order, axis=1)
     width = hidden.shape[1]
-    # The largest divisor of the width not above seq_chunk: equal chunks, no padded copy of the activations.
-    chunk = next(c for c in range(min(seq_chunk, width), 0, -1) if width % c == 0)
+    # Equal chunks (no padded copy of the activations); the vocab-parallel path also needs every chunk split
+    # evenly over the length shards, and falls back to the plain projection when the width allows no such chunk.
+    chunk = None
+    if vocab_parallel is not None and rows % vocab_parallel.token_multiple[0] == 0:
+        chunk = _chunk_width(width, seq_chunk, vocab_parallel.token_multiple[1])
+    if chunk is None:
+        vocab_parallel = None
+        chunk = _chunk_width(width, seq_chunk, 1)
     n = width // chunk
     # Strided chunks (chunk i holds tokens i, i+n, i+2n, ...): under context parallelism every chunk is spread
     # evenly over the sequence shards, so chunking moves no activations between devices.
     h = hidden.reshape(rows, chunk, n, embed).transpose(2, 0, 1, 3)
     t = targets.reshape(rows, chunk, n).transpose(2, 0, 1)
+
+    weight = None if vocab_parallel is None else vocab_parallel.shard_weight(output_weight(model))
+
+    def one_vocab_parallel(args):
+        # No checkpoint needed: its backward keeps only the chunk's hidden states and two statistics per token.
+        h_c, t_c = args
+        return vocab_parallel(h_c, weight, t_c, temperature=temperature, compute_dtype=model.compute_dtype)
 
     @jax.checkpoint
     def one(args):
@@ -113,7 +156,7 @@ def token_logprobs_and_entropy(model, tokens, positions, segment_ids, targets, l
         logits = model.logits_from_hidden(h_c) / temperature
         return logprobs_and_entropy_chunked(logits, t_c, chunk_size=vocab_chunk)
 
-    logp, ent = jax.lax.map(one, (h, t))
+    logp, ent = jax.lax.map(one if vocab_parallel is None else one_vocab_parallel, (h, t))
     logp, ent = (x.transpose(1, 2, 0).reshape(rows, width) for x in (logp, ent))
     if order is None:
         return logp, ent
@@ -135,6 +178,7 @@ class GRPOStep:
         self.optimizer = optimizer
         self.settings = settings
         self._shardings = (param_shardings, opt_shardings, batch_sharding)
+        self.vocab_parallel = vocab_parallel_for(model, param_shardings, batch_sharding)
         self._compiled: dict = {}
         self._apply = jax.jit(self._apply_impl, in_shardings=(param_shardings, opt_shardings, param_shardings),
                               out_shardings=(param_shardings, opt_shardings, None),
@@ -169,7 +213,8 @@ class GRPOStep:
         s = self.settings
         return token_logprobs_and_entropy(self._model(params), mb["tokens"], mb["positions"], mb["segment_ids"],
                                           mb["targets"], mb["loss_mask"], temperature=s.temperature,
-                                          seq_chunk=s.seq_chunk, vocab_chunk=s.vocab_chunk, num_slots=num_slots)
+                                          seq_chunk=s.seq_chunk, vocab_chunk=s.vocab_chunk, num_slots=num_slots,
+                                          vocab_parallel=self.vocab_parallel)
 
     def _logprobs_impl(self, params, mb, *, num_slots):
         return self._stats(params, mb, num_slots)[0]
