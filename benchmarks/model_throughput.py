@@ -58,12 +58,13 @@ def best_times(fns, repeats: int) -> list[float]:
     return best
 
 
-def hf_model(seed: int = 0):
+def hf_model(seed: int = 0, **overrides):
+    """A random transformers Qwen3 of the benchmark's shape (`overrides`: other config fields)."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.Qwen3Config(**BENCH_HF)
+    config = transformers.Qwen3Config(**{**BENCH_HF, **overrides})
     model = transformers.Qwen3ForCausalLM(config)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -74,7 +74,9 @@ def recipe() -> ml_collections.ConfigDict:
         max_context_tokens=18432,  # 8192 + 10000, rounded up to a multiple of 1024
         max_steps_per_turn=10,
         max_model_calls=30,
-        prefix_reuse=True,
+        # Padded prompt tokens prefilled per engine call when several episodes start or resume together (bounds
+        # prefill activation memory; a GRPO group's identical prompts count once).
+        prefill_tokens_per_call=8192,
     )
     # Assumption: T3RL keeps the paper's augmented feedback on (its stages mirror the paper's 2-3).
     c.env = dict(augment=True, num_workers=32, step_timeout_s=10.0, reward="progress")

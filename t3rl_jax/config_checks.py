@@ -24,7 +24,7 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
     "data": ("train_file", "val_file", "splits_dir", "prompts_per_step", "shuffle", "max_entries", "categories"),
     "rollout": ("samples_per_prompt", "temperature", "top_p", "top_k", "max_concurrent_decodes",
                 "max_prefill_length", "max_response_tokens", "max_context_tokens", "max_steps_per_turn",
-                "max_model_calls", "prefix_reuse"),
+                "max_model_calls", "prefill_tokens_per_call"),
     "env": ("augment", "num_workers", "step_timeout_s", "reward"),
     "algo": ("advantage", "adv_eps", "clip_low", "clip_high", "dual_clip", "kl_coef", "kl_type", "entropy_coef",
              "loss_agg", "filter_zero_variance", "refill_groups", "old_logprobs", "tis_cap"),

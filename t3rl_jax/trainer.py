@@ -128,7 +128,8 @@ class Trainer:
     def _limits(self, steps_per_turn: int) -> RolloutLimits:
         r = self.cfg.rollout
         return RolloutLimits(max_steps_per_turn=steps_per_turn, max_model_calls=r.max_model_calls,
-                             max_response_tokens=r.max_response_tokens, max_context_tokens=r.max_context_tokens)
+                             max_response_tokens=r.max_response_tokens, max_context_tokens=r.max_context_tokens,
+                             prefill_tokens_per_call=r.prefill_tokens_per_call)
 
     # ------------------------------------------------------------------ one step
     def _requests(self, step: int, prompts: list[dict], first_group: int = 0) -> list[EpisodeRequest]:

@@ -23,6 +23,17 @@ def numpy_attention(q, k, v, qpos, kpos, qseg, kseg):
     return out
 
 
+def _numpy_masked_attention(q, k, v, mask):
+    """q [B, T, Hq, D], k/v [B, S, Hkv, D], mask [B, T, S] (every query sees at least one key)."""
+    group = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    s = np.where(mask[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhts,bshd->bthd", p, v)
+
+
 def test_attend_matches_numpy_with_packing_and_padding():
     rng = np.random.default_rng(0)
     b, t, hq, hkv, d = 2, 10, 4, 2, 8
@@ -53,16 +64,19 @@ def test_attend_is_invariant_to_token_permutation():
     np.testing.assert_allclose(permuted, base[:, perm], rtol=1e-5, atol=1e-6)
 
 
-def test_single_query_decode_path_equals_dense_for_one_and_many_rows():
-    # Regression: a multiply-and-reduce form was wrong on XLA CPU for one row with >= 128 keys.
+def test_cache_attention_equals_dense_for_decode_and_prefill_chunks():
+    # The cache path takes keys as [B, Hkv, D, S] and values as [B, Hkv, S, D], the cache's layouts. Covers one row with >= 128 keys,
+    # where an earlier multiply-and-reduce form was wrong on XLA CPU, and chunks of several queries.
     import jax
 
     rng = np.random.default_rng(2)
-    for b, s in ((1, 64), (1, 128), (1, 1000), (3, 300)):
-        q = rng.standard_normal((b, 1, 4, 8)).astype(np.float32)
+    for b, t, s in ((1, 1, 64), (1, 1, 128), (1, 1, 1000), (3, 1, 300), (2, 5, 40), (3, 16, 130), (2, 23, 50)):
+        q = rng.standard_normal((b, t, 4, 8)).astype(np.float32)
         k, v = (rng.standard_normal((b, s, 2, 8)).astype(np.float32) for _ in range(2))
-        mask = np.zeros((b, 1, s), bool)
-        mask[:, 0, : s // 2] = True
-        got = np.asarray(jax.jit(attention.single_query_attention)(q, k, v, mask))
-        want = np.asarray(jax.jit(attention.dot_product_attention)(q, k, v, mask))
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        mask = rng.random((b, t, s)) < 0.6
+        mask[:, :, 0] = True
+        want = _numpy_masked_attention(q, k, v, mask)
+        for block in (8, attention.CACHE_QUERY_BLOCK):  # long chunks go in query blocks (8: 2-3 blocks, padded)
+            fn = jax.jit(lambda *a: attention.cache_attention(*a, query_block=block))
+            got = np.asarray(fn(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask))
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from t3rl_jax.models import hf_io
-from t3rl_jax.rollout.engine import Qwen3Engine, SamplingSettings, prefill_bucket
+from t3rl_jax.rollout.engine import ExtendRequest, Qwen3Engine, SamplingSettings, prefill_bucket
 from tests import helpers_hf
 
 STOP = (10_000,)  # outside the tiny vocab: generation runs to the length limit
@@ -136,6 +136,76 @@ def test_limit_and_stop_tokens_deactivate_slot(hf_and_model):
     assert int(state.cache.lengths[0]) == 14
     with pytest.raises(ValueError, match="max_prefill_length"):
         engine.extend_slot(None, state, 1, list(range(100)), reset=True)
+
+
+def _decode_all(engine, state, steps, **kw):
+    state, toks, lps, valid, _ = engine.generate_steps(engine.params, state, steps, **kw)
+    return state, np.asarray(toks), np.asarray(lps), np.asarray(valid)
+
+
+def test_batched_extend_equals_one_slot_at_a_time_with_shared_prompts(hf_and_model):
+    # One call: a GRPO group of 3 identical fresh prompts (different seeds: computed once, sampled apart), another
+    # fresh prompt, and a slot continuing its history. Equal to extending the slots one by one.
+    _, model = hf_and_model
+    engine = _engine(model, sampling=SamplingSettings(temperature=1.0), slots=6)
+    group, other, history, more = list(range(5, 25)), list(range(40, 47)), list(range(60, 75)), [3, 4, 5, 6]
+
+    def prepared():
+        state = engine.init_decode_state()
+        state, *_ = engine.extend_slot(None, state, 5, history, reset=True, seed=77)
+        return state
+
+    requests = [ExtendRequest(0, group, reset=True, seed=11), ExtendRequest(2, group, reset=True, seed=12),
+                ExtendRequest(3, other, reset=True, seed=13), ExtendRequest(5, more, reset=False),
+                ExtendRequest(4, group, reset=True, seed=14)]
+    assert engine.prefill_cost(requests) == 4 * prefill_bucket(20, 64)  # 3 distinct rows, padded to 4
+    batched, tok_b, lp_b, len_b = engine.extend_slots(None, prepared(), requests)
+    single = prepared()
+    tok_s, lp_s, len_s = [], [], []
+    for r in requests:
+        single, tok, lp, length = engine.extend_slot(None, single, r.slot, r.tokens, reset=r.reset, seed=r.seed)
+        tok_s.append(int(tok)), lp_s.append(float(lp)), len_s.append(int(length))
+    assert np.asarray(tok_b).tolist() == tok_s and np.asarray(len_b).tolist() == len_s
+    np.testing.assert_allclose(np.asarray(lp_b), lp_s, rtol=1e-5, atol=1e-6)
+    _, toks_b, lps_b, valid_b = _decode_all(engine, batched, 6)
+    _, toks_s, lps_s, valid_s = _decode_all(engine, single, 6)
+    np.testing.assert_array_equal(toks_b, toks_s)
+    np.testing.assert_array_equal(valid_b, valid_s)
+    np.testing.assert_allclose(lps_b, lps_s, rtol=1e-5, atol=1e-5)
+    assert len({tuple(toks_b[:, s]) for s in (0, 2, 4)}) == 3  # one prompt, three different samples
+    with pytest.raises(ValueError, match="twice"):
+        engine.extend_slots(None, engine.init_decode_state(), requests[:2] + [ExtendRequest(0, other, reset=True)])
+
+
+def test_decoding_within_a_context_bound_equals_the_full_cache(hf_and_model):
+    _, model = hf_and_model
+    engine = _engine(model, sampling=SamplingSettings(temperature=1.0), cache=512)
+    requests = [ExtendRequest(s, list(range(3 + s, 30 + 7 * s)), reset=True, seed=s) for s in range(3)]
+
+    def run(**kw):
+        state, *_ = engine.extend_slots(None, engine.init_decode_state(), requests)
+        return _decode_all(engine, state, 8, **kw)[1:]
+
+    longest = 30 + 7 * 2 - 3 - 2
+    full, windowed = run(), run(context_bound=longest + 8)  # a 128-slot window of the 512-slot cache
+    for a, b in zip(full, windowed):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # A continuing prefill within a bound equals one over the whole cache.
+    more = list(range(200, 240))
+    outs = []
+    for bound in (None, len(requests[1].tokens) + len(more)):
+        state, *_ = engine.extend_slots(None, engine.init_decode_state(), requests)
+        state, tok, lp, length = engine.extend_slot(None, state, 1, more, reset=False, context_bound=bound)
+        outs.append((int(tok), float(lp), int(length)))
+    assert outs[0][::2] == outs[1][::2] and abs(outs[0][1] - outs[1][1]) < 1e-5
+    state, *_ = engine.extend_slot(None, engine.init_decode_state(), 0, list(range(1, 65)), reset=True)
+    state, *_ = engine.extend_slot(None, state, 0, list(range(1, 65)), reset=False)  # 128 cached: past a 128 window
+    with pytest.raises(ValueError, match="context_bound"):
+        engine.generate_steps(engine.params, state, 2, context_bound=64)
+    with pytest.raises(ValueError, match="context_bound"):
+        engine.extend_slot(None, state, 0, [5, 6], reset=False, context_bound=100)
+    state, _, _, length = engine.extend_slot(None, state, 0, [5, 6], reset=False)  # the state was kept
+    assert int(length) == 130
 
 
 def test_prefill_buckets_are_few_and_tight():

@@ -135,27 +135,31 @@ def test_write_indices_match_numpy():
 
 def test_cache_logical_axes_cover_every_field():
     cache = kvc.KVCache.for_config(CFG, batch=2, max_len=8)
-    axes = kvc.KVCache.logical_axes()
-    for arr, names in zip(jax.tree.leaves(cache), [axes.k, axes.v, axes.positions, axes.segment_ids, axes.lengths]):
-        assert arr.ndim == len(names)
-    assert cache.k.shape == (CFG.num_layers, 2, 8, CFG.num_kv_heads, CFG.head_dim)
+    axes = cache.logical_axes()
+    names = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(n, str) for n in x))
+    arrays = jax.tree.leaves(cache)
+    assert len(names) == len(arrays) == 2 * CFG.num_layers + 3
+    for arr, axis_names in zip(arrays, names):
+        assert arr.ndim == len(axis_names) and axis_names[0] == "batch"
+    assert cache.k[0].shape == (2, CFG.num_kv_heads, CFG.head_dim, 8)
+    assert cache.v[0].shape == (2, CFG.num_kv_heads, 8, CFG.head_dim)
 
 
-def test_unscanned_layers_decode_like_scanned(setup):
+def test_attending_within_a_cache_window_equals_the_whole_cache(setup):
     state, step, full = setup
-    graphdef = nnx.graphdef(Qwen3(CFG, rngs=nnx.Rngs(0), scan_layers=False))
+    graphdef = nnx.graphdef(Qwen3(CFG, rngs=nnx.Rngs(0)))
 
     @functools.partial(jax.jit, donate_argnums=(4,))
-    def looped_step(state, tokens, positions, segments, cache):
-        return nnx.merge(graphdef, state)(tokens, positions, segments, kv_cache=cache)
+    def windowed_step(state, tokens, positions, segments, cache):
+        return nnx.merge(graphdef, state)(tokens, positions, segments, kv_cache=cache, cache_window=8)
 
-    seqs = _sequences(6, [4, 2], 2)
+    seqs = _sequences(6, [4, 2], 2)  # rows reach 6 and 4 tokens: within the first 8 of 32 cache slots
     outputs = []
-    for fn in (step, looped_step):
+    for fn in (step, windowed_step):
         cache = kvc.KVCache.for_config(CFG, batch=2, max_len=MAX_LEN)
         prefill, cache = _run_chunks(fn, state, cache, seqs, [0, 0], [[4, 2]], 4)
         decode, cache = _run_chunks(fn, state, cache, seqs, [4, 2], [[1, 1]] * 2, 1)
-        outputs.append((prefill, decode, np.asarray(cache.k)))
+        outputs.append((prefill, decode, np.asarray(cache.k[0]), np.asarray(cache.v[-1])))
     for a, b in zip(jax.tree.leaves(outputs[0]), jax.tree.leaves(outputs[1])):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
@@ -165,5 +169,6 @@ def test_step_donates_the_cache(setup):
     cache = kvc.KVCache.for_config(CFG, batch=1, max_len=8)
     ones = np.ones((1, 1), np.int32)
     _, new_cache = step(state, ones, ones * 0, ones, cache)
-    assert cache.k.is_deleted() and cache.v.is_deleted()  # updated in place, no second cache buffer
+    # updated in place, no second cache buffer
+    assert all(k.is_deleted() for k in cache.k) and all(v.is_deleted() for v in cache.v)
     assert int(new_cache.lengths[0]) == 1

@@ -81,3 +81,14 @@ def test_inverse_cdf_draw_never_picks_masked_tokens_and_matches_frequencies():
     # Extreme uniforms stay inside the support.
     edge = np.asarray(sampling.inverse_cdf_draw(jnp.asarray([0.0, 1.0 - 1e-7]), jnp.tile(jnp.asarray(logits)[None], (2, 1))))
     assert edge.tolist() == [1, 4]
+
+
+def test_first_argmax_equals_numpy_argmax_with_ties_and_infinities():
+    rng = np.random.default_rng(5)
+    x = rng.integers(-3, 4, (64, 50)).astype(np.float32)  # many ties: the first index must win
+    x[3] = -np.inf
+    x[4, 7:] = np.inf
+    x[5, 0] = -np.inf
+    got = np.asarray(jax.jit(sampling.first_argmax)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert got.dtype == np.int32

@@ -47,31 +47,58 @@ def dot_product_attention(q, k, v, mask):
     return out.reshape(b, t, hq, d)
 
 
-def single_query_attention(q, k, v, mask):
-    """`dot_product_attention` for one query per row (a decode step): q [B, 1, Hq, D], mask [B, 1, S].
+CACHE_QUERY_BLOCK = 512
 
-    The keys/values are a layer's KV cache. The einsums keep the cache's own [B, S, Hkv, D] layout as the
-    contraction operand (the batched form above makes XLA on CPU copy the whole cache slice into a transposed
-    layout every step). A multiply-and-reduce form was faster still but computed wrong results on XLA CPU for a
-    single row with >= 128 keys (see tests/test_attention.py), so it is not used.
+
+def cache_attention(q, k_cache, v_cache, mask, *, query_block: int = CACHE_QUERY_BLOCK):
+    """Grouped-query attention of new tokens over a layer's KV cache (prefill chunks and decode steps).
+
+    q: [B, T, Hq, D]; k_cache: [B, Hkv, D, S]; v_cache: [B, Hkv, S, D] (the cache's own layouts); mask: [B, T, S].
+    Both products are batched matmuls over (b, kv_head) with the cache as the plain operand in its stored layout,
+    so no step copies or transposes the cache; the queries of a group share one matmul. Long prefill chunks go
+    `query_block` queries at a time: their f32 scores against a long cache would otherwise take
+    T x S x Hq x 4 bytes (8k x 32k x 32 heads: 32 GiB).
     """
-    b, _, hq, d = q.shape
-    hkv = k.shape[2]
-    if hq % hkv:
-        raise ValueError(f"query heads {hq} are not a multiple of kv heads {hkv}")
-    qg = q.reshape(b, hkv, hq // hkv, d)
-    scores = jnp.einsum("bskd,bkgd->bskg", k, qg, preferred_element_type=jnp.float32) * (d ** -0.5)
-    m = mask[:, 0, :, None, None]
+    b, t, hq, d = q.shape
+    if k_cache.shape[2] != d or v_cache.shape[3] != d:
+        raise ValueError(f"cache_attention: k_cache {k_cache.shape} / v_cache {v_cache.shape} do not match head_dim {d}")
+    if hq % k_cache.shape[1]:
+        raise ValueError(f"query heads {hq} are not a multiple of kv heads {k_cache.shape[1]}")
+    if t <= query_block:
+        return _cache_attention_block(q, k_cache, v_cache, mask)
+    blocks = -(-t // query_block)
+    pad = blocks * query_block - t
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))  # padded queries see nothing and return zeros
+
+    def split(x):
+        return jnp.moveaxis(x.reshape(b, blocks, query_block, *x.shape[2:]), 1, 0)
+
+    out = jax.lax.map(lambda qm: _cache_attention_block(qm[0], k_cache, v_cache, qm[1]), (split(q), split(mask)))
+    return jnp.moveaxis(out, 0, 1).reshape(b, blocks * query_block, hq, d)[:, :t]
+
+
+def _cache_attention_block(q, k_cache, v_cache, mask):
+    b, t, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    g = hq // hkv
+    if t == 1:  # a decode step: plain reshapes, no transposes (each would be a copy per layer and step)
+        qg = q.reshape(b, hkv, g, d)
+    else:
+        qg = q.reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)
+    scores = jnp.einsum("bkmd,bkds->bkms", qg, k_cache, preferred_element_type=jnp.float32) * (d ** -0.5)
+    m = jnp.broadcast_to(mask[:, None, None], (b, 1, g, t, mask.shape[-1])).reshape(b, 1, g * t, -1)
     scores = jnp.where(m, scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=1)
-    probs = jnp.where(m, probs, 0.0).astype(v.dtype)
-    out = jnp.einsum("bskg,bskd->bkgd", probs, v, preferred_element_type=jnp.float32)  # [B, Hkv, G, D]
-    return out.astype(v.dtype).reshape(b, 1, hq, d)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(m, probs, 0.0).astype(v_cache.dtype)
+    out = jnp.einsum("bkms,bksd->bkmd", probs, v_cache, preferred_element_type=jnp.float32)
+    out = out.astype(v_cache.dtype)
+    if t == 1:
+        return out.reshape(b, 1, hq, d)
+    return out.reshape(b, hkv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
 
 
 def attend(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
     """Reference attention: the signature every attention implementation in the model shares."""
     mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids)
-    if q.shape[1] == 1:
-        return single_query_attention(q, k, v, mask)
     return dot_product_attention(q, k, v, mask)

@@ -18,8 +18,17 @@ from t3rl_jax.models.attention import PAD_SEGMENT
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: jax.Array  # [layers, B, S_max, kv_heads, head_dim], keys stored after RoPE
-    v: jax.Array  # [layers, B, S_max, kv_heads, head_dim]
+    """Per-layer key/value buffers; every field has the batch (slot) on axis 0.
+
+    One buffer per layer rather than a stacked [layers, ...] array, heads before length, and keys stored
+    transposed ([B, kv_heads, head_dim, S]): a decode step then reads each layer's cache in place as the plain
+    (non-transposed) operand of two batched matmuls over (b, kv_head). With the stacked [L, B, S, H, D] layout XLA
+    copied and transposed every layer's cache on every step; with keys as [.., S, D] the score matmul ran at a
+    quarter of the speed of the value matmul on XLA:CPU (numbers in BENCHMARKS.md, decode section).
+    """
+
+    k: tuple[jax.Array, ...]  # layers x [B, kv_heads, head_dim, S_max], keys after RoPE
+    v: tuple[jax.Array, ...]  # layers x [B, kv_heads, S_max, head_dim]
     positions: jax.Array  # [B, S_max] int32
     segment_ids: jax.Array  # [B, S_max] int32, PAD_SEGMENT where unfilled
     lengths: jax.Array  # [B] int32, filled slots per row (writes go at this offset)
@@ -27,8 +36,9 @@ class KVCache:
     @classmethod
     def init(cls, *, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
              dtype=jnp.float32) -> "KVCache":
-        shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        k_shape, v_shape = (batch, num_kv_heads, head_dim, max_len), (batch, num_kv_heads, max_len, head_dim)
+        return cls(k=tuple(jnp.zeros(k_shape, dtype) for _ in range(num_layers)),
+                   v=tuple(jnp.zeros(v_shape, dtype) for _ in range(num_layers)),
                    positions=jnp.zeros((batch, max_len), jnp.int32),
                    segment_ids=jnp.full((batch, max_len), PAD_SEGMENT, jnp.int32),
                    lengths=jnp.zeros((batch,), jnp.int32))
@@ -46,11 +56,15 @@ class KVCache:
     def batch(self) -> int:
         return self.segment_ids.shape[0]
 
-    @staticmethod
-    def logical_axes() -> "KVCache":
-        """Logical axis names per field, for the sharding layer (same tree structure as a cache)."""
-        kv = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
-        return KVCache(k=kv, v=kv, positions=("batch", "cache_length"), segment_ids=("batch", "cache_length"),
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
+
+    def logical_axes(self) -> "KVCache":
+        """Logical axis names per field, for the sharding layer (same tree structure as this cache)."""
+        k = tuple(("batch", "kv_heads", "head_dim", "cache_length") for _ in range(self.num_layers))
+        v = tuple(("batch", "kv_heads", "cache_length", "head_dim") for _ in range(self.num_layers))
+        return KVCache(k=k, v=v, positions=("batch", "cache_length"), segment_ids=("batch", "cache_length"),
                        lengths=("batch",))
 
 
@@ -82,15 +96,21 @@ def insert_rows(cache: KVCache, rows: KVCache, slot) -> KVCache:
     if rows.max_len != cache.max_len:
         raise ValueError(f"insert_rows: prefix max_len {rows.max_len} != cache max_len {cache.max_len}")
 
-    def put(dst, src, batch_axis):
-        start = [0] * dst.ndim
-        start[batch_axis] = slot
-        return jax.lax.dynamic_update_slice(dst, src.astype(dst.dtype), tuple(start))
+    def put(dst, src):
+        start = (slot,) + (0,) * (dst.ndim - 1)
+        return jax.lax.dynamic_update_slice(dst, src.astype(dst.dtype), start)
 
-    return KVCache(k=put(cache.k, rows.k, 1), v=put(cache.v, rows.v, 1),
-                   positions=put(cache.positions, rows.positions, 0),
-                   segment_ids=put(cache.segment_ids, rows.segment_ids, 0),
-                   lengths=put(cache.lengths, rows.lengths, 0))
+    return jax.tree.map(put, cache, rows)
+
+
+def gather_rows(cache: KVCache, slots: jax.Array) -> KVCache:
+    """Rows `slots` [n] of the cache as an n-row cache (out-of-range slots give empty rows)."""
+    return jax.tree.map(lambda x: jnp.take(x, slots, axis=0, mode="fill", fill_value=0), cache)
+
+
+def scatter_rows(cache: KVCache, rows: KVCache, slots: jax.Array) -> KVCache:
+    """Write an n-row cache back into rows `slots` [n] (out-of-range slots are dropped: padding rows)."""
+    return jax.tree.map(lambda dst, src: dst.at[slots].set(src.astype(dst.dtype), mode="drop"), cache, rows)
 
 
 def clear_rows(cache: KVCache, rows_to_clear: jax.Array) -> KVCache:

@@ -1,7 +1,8 @@
 """Qwen3 decoder in Flax NNX.
 
 Layer parameters are stacked on a leading `layers` axis, so one parameter layout serves both
-`jax.lax.scan` over layers (fast compiles) and a plain Python loop (`scan_layers=False`).
+`jax.lax.scan` over layers (fast compiles) and a plain Python loop (`scan_layers=False`). With a KV cache the
+layers are always unrolled: each layer owns its cache buffers (see `kv_cache.KVCache`).
 Parameters carry logical axis names only (`out_sharding` metadata, read by
 `nnx.get_partition_spec`); the mapping to mesh axes lives in the sharding layer, which can also
 plug in an `activation_constraint(x, logical_axes)`, a different `attention_fn` and a mesh-aware `embedding_fn`.
@@ -20,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from t3rl_jax.models import kv_cache as kvc
-from t3rl_jax.models.attention import attend
+from t3rl_jax.models.attention import attend, attention_mask, cache_attention
 from t3rl_jax.models.embedding import take_embedding
 from t3rl_jax.models.model_config import Qwen3Config
 
@@ -97,9 +98,9 @@ class _Runtime:
 def decoder_layer(p: dict, x, cos, sin, positions, segment_ids, rt: _Runtime, cache=None):
     """One pre-norm Qwen3 block on x [B, T, E]. Returns (x, cache).
 
-    With a cache (a `_LayerCache`), the new keys/values are scattered straight into the
-    all-layer buffers (only T slots written, in place under a scan) and the queries attend over
-    this layer's cache, masked by the cache's positions / segment ids.
+    With a cache (a `_LayerCache`), the new keys/values are scattered into this layer's buffers (only T slots
+    written, in place) and the queries attend over the cache (`cache_attention`, the cache's own layout), masked
+    by the cache's positions / segment ids.
     """
     cdt = rt.compute_dtype
     p = {k: v.astype(cdt) for k, v in p.items()}
@@ -116,10 +117,8 @@ def decoder_layer(p: dict, x, cos, sin, positions, segment_ids, rt: _Runtime, ca
                                q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
     else:
         cache = cache.write(k, v)
-        k_layer, v_layer = cache.layer()
-        attn = rt.attention_fn(q, k_layer.astype(cdt), v_layer.astype(cdt), q_positions=positions,
-                               kv_positions=cache.positions, q_segment_ids=segment_ids,
-                               kv_segment_ids=cache.segment_ids)
+        k_seen, v_seen = cache.visible()
+        attn = cache_attention(q, k_seen.astype(cdt), v_seen.astype(cdt), cache.mask)
     x = x + jnp.einsum("bthd,hde->bte", attn.astype(cdt), p["o_proj"])
     h = rms_norm(x, p["post_attention_norm"], rt.eps)
     gate = rt.constrain(jnp.einsum("bte,em->btm", h, p["gate_proj"]), ("batch", "length", "mlp"))
@@ -131,24 +130,25 @@ def decoder_layer(p: dict, x, cos, sin, positions, segment_ids, rt: _Runtime, ca
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _LayerCache:
-    """The all-layer K/V buffers plus which layer the current block owns."""
+    """One layer's K/V buffers, where this call's tokens go, and which cached keys they may see."""
 
-    k: jax.Array  # [L, B, S, Hkv, D]
-    v: jax.Array
-    layer_index: jax.Array  # scalar int32
+    k: jax.Array  # [B, Hkv, D, S]
+    v: jax.Array  # [B, Hkv, S, D]
     write_idx: jax.Array  # [B, T] slots for the new tokens (S = dropped)
-    positions: jax.Array  # [B, S] after this call's writes
-    segment_ids: jax.Array  # [B, S]
+    mask: jax.Array  # [B, T, W] visibility of the first W cache slots, after this call's writes
+    window: int = dataclasses.field(metadata=dict(static=True))
 
     def write(self, k, v) -> "_LayerCache":
-        rows = jnp.arange(self.k.shape[1])[:, None]
-        i = self.layer_index
-        return dataclasses.replace(self, k=self.k.at[i, rows, self.write_idx].set(k.astype(self.k.dtype), mode="drop"),
-                                   v=self.v.at[i, rows, self.write_idx].set(v.astype(self.v.dtype), mode="drop"))
+        rows = jnp.arange(self.k.shape[0])[:, None]
+        # Advanced indices split by slices: either indexed view is [B, T, Hkv, D], the new tokens' own layout.
+        k_new = self.k.at[rows, :, :, self.write_idx].set(k.astype(self.k.dtype), mode="drop")
+        v_new = self.v.at[rows, :, self.write_idx].set(v.astype(self.v.dtype), mode="drop")
+        return dataclasses.replace(self, k=k_new, v=v_new)
 
-    def layer(self):
-        return (jax.lax.dynamic_index_in_dim(self.k, self.layer_index, keepdims=False),
-                jax.lax.dynamic_index_in_dim(self.v, self.layer_index, keepdims=False))
+    def visible(self):
+        if self.window == self.v.shape[2]:
+            return self.k, self.v
+        return self.k[..., :self.window], self.v[:, :, :self.window]
 
 
 class DecoderStack(nnx.Module):
@@ -161,6 +161,11 @@ class DecoderStack(nnx.Module):
 
     def arrays(self) -> dict:
         return {name: getattr(self, name)[...] for name in LAYER_PARAM_NAMES}
+
+    def per_layer(self) -> list[dict]:
+        """Each layer's parameters sliced out of the stacks (see `Qwen3.hidden_states`' `layer_params`)."""
+        stacked = self.arrays()
+        return [{k: v[i] for k, v in stacked.items()} for i in range(len(stacked["input_norm"]))]
 
 
 class Qwen3(nnx.Module):
@@ -190,8 +195,9 @@ class Qwen3(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = _param(rngs, (e, v), ("embed", "vocab"), "normal", param_dtype)
 
-    def __call__(self, tokens, positions, segment_ids, kv_cache: kvc.KVCache | None = None):
-        out = self.hidden_states(tokens, positions, segment_ids, kv_cache)
+    def __call__(self, tokens, positions, segment_ids, kv_cache: kvc.KVCache | None = None,
+                 cache_window: int | None = None):
+        out = self.hidden_states(tokens, positions, segment_ids, kv_cache, cache_window=cache_window)
         if kv_cache is None:
             return self.logits_from_hidden(out)
         hidden, new_cache = out
@@ -210,8 +216,17 @@ class Qwen3(nnx.Module):
         axes = ("batch", "length", "vocab") if logits.ndim == 3 else (None,) * (logits.ndim - 1) + ("vocab",)
         return self.activation_constraint(logits, axes)
 
-    def hidden_states(self, tokens, positions, segment_ids, kv_cache: kvc.KVCache | None = None):
-        """Final-normed hidden states [B, T, E]; with a cache returns (hidden, new_cache)."""
+    def hidden_states(self, tokens, positions, segment_ids, kv_cache: kvc.KVCache | None = None, *,
+                      cache_window: int | None = None, layer_params: list[dict] | None = None):
+        """Final-normed hidden states [B, T, E]; with a cache returns (hidden, new_cache).
+
+        `cache_window` (static) lets the new tokens attend over only the first `cache_window` cache slots: attention
+        then costs the context actually held, not the cache's capacity. The caller guarantees every row's
+        length after this call is <= cache_window.
+        `layer_params` (cached path only): `self.layers.per_layer()` computed once outside a decode loop. XLA does
+        not hoist the per-layer weight slices out of a while loop, so without it every decode step copies
+        every weight.
+        """
         cfg = self.config
         _check_inputs(tokens, positions, segment_ids)
         rt = _Runtime(eps=cfg.rms_norm_eps, compute_dtype=self.compute_dtype, attention_fn=self.attention_fn,
@@ -220,38 +235,44 @@ class Qwen3(nnx.Module):
         x = rt.constrain(x, ("batch", "length", "embed"))
         inv_freq, scale = cfg.rope_frequencies()
         cos, sin = rope_tables(positions, inv_freq, scale, self.compute_dtype)
-        layer_cache = None
-        if kv_cache is not None:
-            kv_cache, idx = kvc.append_tokens(kv_cache, positions, segment_ids)
-            layer_cache = _LayerCache(kv_cache.k, kv_cache.v, jnp.zeros((), jnp.int32), idx, kv_cache.positions,
-                                      kv_cache.segment_ids)
 
         def layer(x, p, cache):
             return decoder_layer(p, x, cos, sin, positions, segment_ids, rt, cache)
 
         if self.remat_policy != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat_policy])
-        stacked = self.layers.arrays()
-        # The cache rides in the carry so each layer's scatter updates the buffers in place.
-        if self.scan_layers:
-            def body(carry, xs):
-                x, cache = carry
-                p, i = xs
-                if cache is not None:
-                    cache = dataclasses.replace(cache, layer_index=i)
-                return layer(x, p, cache), None
+        if kv_cache is not None:
+            per_layer = self.layers.per_layer() if layer_params is None else layer_params
+            x, kv_cache = self._cached_layers(layer, x, per_layer, kv_cache, positions, segment_ids, cache_window)
+        elif self.scan_layers:
+            def body(x, p):
+                return layer(x, p, None)[0], None
 
-            layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-            (x, layer_cache), _ = jax.lax.scan(body, (x, layer_cache), (stacked, layer_ids))
+            x, _ = jax.lax.scan(body, x, self.layers.arrays())
         else:
-            for i in range(cfg.num_layers):
-                if layer_cache is not None:
-                    layer_cache = dataclasses.replace(layer_cache, layer_index=jnp.int32(i))
-                x, layer_cache = layer(x, {k: v[i] for k, v in stacked.items()}, layer_cache)
+            for p in self.layers.per_layer():
+                x, _ = layer(x, p, None)
         hidden = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         if kv_cache is None:
             return hidden
-        return hidden, dataclasses.replace(kv_cache, k=layer_cache.k, v=layer_cache.v)
+        return hidden, kv_cache
+
+    def _cached_layers(self, layer, x, per_layer, kv_cache, positions, segment_ids, cache_window):
+        # Layers are unrolled over the per-layer cache buffers: a scan would slice and re-stack the cache
+        # (copies of the whole cache every step); unrolled, each scatter updates its own donated buffer in place.
+        window = kv_cache.max_len if cache_window is None else cache_window
+        if not 0 < window <= kv_cache.max_len:
+            raise ValueError(f"cache_window {cache_window} outside (0, cache length {kv_cache.max_len}]")
+        kv_cache, idx = kvc.append_tokens(kv_cache, positions, segment_ids)
+        mask = attention_mask(positions, kv_cache.positions[:, :window], segment_ids,
+                              kv_cache.segment_ids[:, :window])
+        ks, vs = [], []
+        for i in range(self.config.num_layers):
+            cache = _LayerCache(kv_cache.k[i], kv_cache.v[i], idx, mask, window)
+            x, cache = layer(x, per_layer[i], cache)
+            ks.append(cache.k)
+            vs.append(cache.v)
+        return x, dataclasses.replace(kv_cache, k=tuple(ks), v=tuple(vs))
 
 
 def _check_inputs(tokens, positions, segment_ids):

@@ -25,10 +25,11 @@ import numpy as np
 
 from t3rl_jax import profiling
 from t3rl_jax.chat_format import ChatEncoder, to_json
-from t3rl_jax.rollout.engine import Qwen3Engine, SamplingSettings
+from t3rl_jax.rollout.engine import ExtendRequest, Qwen3Engine, SamplingSettings
 from t3rl_jax.rollout.trajectory import Trajectory
 from t3rl_jax.tool_calls import parse_reply_ids
 
+MAX_PREFILL_ROWS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,7 @@ class RolloutLimits:
     max_response_tokens: int = 10_000   # tokens after the first prompt (sampled + observations)
     max_context_tokens: int = 32_768    # whole trajectory (must fit the engine's cache)
     decode_steps_per_call: int = 8      # decode steps per jitted call (fewer host round trips)
+    prefill_tokens_per_call: int = 8192  # padded prefill tokens batched into one call (one longer chunk goes alone)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +145,7 @@ class RolloutDriver:
                 run = _Run(req, remote, slot)
                 run.on_pending = self._on_started
                 runs[slot] = (index, run)
+            ready = []
             for slot, (index, run) in list(runs.items()):
                 self._advance(run)
                 if run.finished:
@@ -151,7 +154,9 @@ class RolloutDriver:
                     del runs[slot]
                     free.append(slot)
                 elif run.feed_ready:
-                    state = self._feed(params, state, run)
+                    ready.append(run)
+            if ready:
+                state = self._feed(params, state, ready)
             decoding = [r for _, r in runs.values() if r.decoding]
             if decoding:
                 state = self._decode(params, state, decoding)
@@ -163,42 +168,74 @@ class RolloutDriver:
         return out
 
     # ------------------------------------------------------------------ engine side
-    def _feed(self, params, state, run: _Run):
-        tail = run.traj.token_ids[run.cached:]
-        forced = None
-        if self.script is not None:
-            forced = self.chat.assistant_ids(self.script(run.request.entry_id, run.traj.num_turns, run.steps_in_turn))
-            tail = tail + forced[:-1]  # cached like sampled tokens: all but the last, which is never fed
-        # The newest sampled token is never in the cache, so a cache capped at end-1 keeps the trajectory <= end.
-        limit = self._end(run) - 1
+    def _feed(self, params, state, runs: list[_Run]):
+        """Prefill every ready slot's new tokens, batched: episodes that start together share calls (and a GRPO
+        group's identical prompts one computed row); tails longer than a prefill chunk go in rounds."""
+        tails, forced = {}, {}
+        for run in runs:
+            tail = run.traj.token_ids[run.cached:]
+            if self.script is not None:
+                forced[run.slot] = self.chat.assistant_ids(
+                    self.script(run.request.entry_id, run.traj.num_turns, run.steps_in_turn))
+                tail = tail + forced[run.slot][:-1]  # cached like sampled tokens: all but the last, never fed
+            tails[run.slot] = tail
         chunk = self.engine.max_prefill_length
+        sampled = {}
         t0 = time.perf_counter()
-        for i in range(0, len(tail), chunk):
-            with profiling.scope("prefill"):
-                state, token, logprob, length = self.engine.extend_slot(
-                    params, state, run.slot, tail[i:i + chunk], reset=run.cached == 0 and i == 0,
-                    seed=run.request.seed, limit=limit, sampling_settings=self.sampling)
-        token, logprob = int(token), float(logprob)
+        for offset in range(0, max(len(t) for t in tails.values()), chunk):
+            requests = [ExtendRequest(run.slot, tails[run.slot][offset:offset + chunk],
+                                      reset=run.cached == 0 and offset == 0, seed=run.request.seed,
+                                      # The newest sampled token is never in the cache, so a cache capped at
+                                      # end-1 keeps the trajectory <= end.
+                                      limit=self._end(run) - 1, sampling=self.sampling)
+                        for run in runs if len(tails[run.slot]) > offset]
+            cached = {run.slot: run.cached for run in runs}
+            for batch in self._prefill_batches(requests):
+                # Each slot's cache holds exactly its `cached` trajectory tokens before this feed.
+                bound = max(cached[r.slot] + offset + len(r.tokens) for r in batch)
+                with profiling.scope("prefill"):
+                    state, tokens, logprobs, _ = self.engine.extend_slots(params, state, batch, context_bound=bound)
+                    tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+                for request, token, logprob in zip(batch, tokens, logprobs):
+                    sampled[request.slot] = int(token), float(logprob)
         self.metrics.prefill_seconds += time.perf_counter() - t0
-        self.metrics.prefill_tokens += len(tail)
-        run.cached = run.traj.length
-        run.feed_ready = False
-        if forced is not None:
-            run.msg_tokens, run.msg_logprobs = forced, [0.0] * len(forced)
-            self._message_done(state, run)
-            return state
-        run.msg_tokens, run.msg_logprobs = [token], [logprob]
-        if token in self.tokenizer.stop_ids or run.traj.length >= limit:
-            self._message_done(state, run)
-        else:
-            run.decoding = True
+        self.metrics.prefill_tokens += sum(len(t) for t in tails.values())
+        for run in runs:
+            run.cached = run.traj.length
+            run.feed_ready = False
+            if run.slot in forced:
+                run.msg_tokens, run.msg_logprobs = forced[run.slot], [0.0] * len(forced[run.slot])
+                self._message_done(state, run)
+                continue
+            token, logprob = sampled[run.slot]
+            run.msg_tokens, run.msg_logprobs = [token], [logprob]
+            if token in self.tokenizer.stop_ids or run.traj.length >= self._end(run) - 1:
+                self._message_done(state, run)
+            else:
+                run.decoding = True
         return state
+
+    def _prefill_batches(self, requests: list[ExtendRequest]):
+        """Split requests into engine calls computing at most `prefill_tokens_per_call` padded tokens each (what
+        bounds prefill activation memory) and holding at most MAX_PREFILL_ROWS slots (each power-of-two row
+        count is one more compiled variant); a request over the budget goes alone."""
+        budget = self.limits.prefill_tokens_per_call
+        batch: list[ExtendRequest] = []
+        for request in requests:
+            if batch and (len(batch) == MAX_PREFILL_ROWS or self.engine.prefill_cost(batch + [request]) > budget):
+                yield batch
+                batch = []
+            batch.append(request)
+        if batch:
+            yield batch
 
     def _decode(self, params, state, decoding: list[_Run]):
         t0 = time.perf_counter()
         with profiling.scope("decode"):
-            state, tokens, logprobs, valid, _ = self.engine.generate_steps(params, state,
-                                                                           self.limits.decode_steps_per_call)
+            steps = self.limits.decode_steps_per_call
+            # Cache length of a decoding slot: its cached trajectory plus the sampled tokens fed so far.
+            bound = max(r.cached + len(r.msg_tokens) - 1 for r in decoding) + steps
+            state, tokens, logprobs, valid, _ = self.engine.generate_steps(params, state, steps, context_bound=bound)
             tokens, logprobs, valid = np.asarray(tokens), np.asarray(logprobs), np.asarray(valid)
         self.metrics.decode_seconds += time.perf_counter() - t0
         self.metrics.decode_slot_steps += valid.size

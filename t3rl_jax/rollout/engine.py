@@ -3,9 +3,11 @@
 Two ways in:
 - JetStream's own API (`prefill` -> `insert` -> `generate`), used by JetStream's orchestrator and gRPC server
   (`scripts/serve.py`). `prefill` accepts an `existing_prefix` and extends it without recomputing it.
-- The rollout driver's fast path: `extend_slot` appends tokens to a slot's *own* cache in place (multi-turn prefix
-  reuse: a tool response is prefilled on top of the history already cached in that slot), and `generate_steps`
-  runs several decode steps in one jitted call. Re-prefilling the whole history every turn would cost
+- The rollout driver's fast path: `extend_slots` appends tokens to slots' *own* caches in place, several slots per
+  call (multi-turn prefix reuse: a tool response is prefilled on top of the history already cached in that slot;
+  episodes starting together share one call, and a GRPO group's identical prompts one computed row), and
+  `generate_steps` runs several decode steps in one jitted call, attending over only as much of the cache as the
+  caller says the slots hold. Re-prefilling the whole history every turn would cost
   O(turns x context) prefill FLOPs on BFCL conversations that reach tens of thousands of tokens.
 
 Every sampled token is drawn with a key derived from (slot seed, token position), so an episode's tokens do not
@@ -30,6 +32,7 @@ from t3rl_jax.rollout.jetstream_compat import engine_api, tokenizer_api
 
 MIN_PREFILL_BUCKET = 16
 LINEAR_BUCKET_STEP = 1024
+MIN_CACHE_WINDOW = 128  # smallest attention window over the cache in decode (bounds recompiles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +76,22 @@ def prefill_bucket(length: int, max_length: int) -> int:
     if bucket < length:
         bucket = -(-length // LINEAR_BUCKET_STEP) * LINEAR_BUCKET_STEP
     return min(bucket, max_length)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtendRequest:
+    """Tokens to prefill into one slot (see `Qwen3Engine.extend_slots`)."""
+
+    slot: int
+    tokens: Any  # sequence of int token ids
+    reset: bool = False  # start the slot's history afresh (a new episode)
+    seed: int = 0  # sampling seed of a fresh episode (a continuing slot keeps its own)
+    limit: int | None = None  # cap on the slot's cache length for the message about to be generated
+    sampling: SamplingSettings | None = None
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 class QwenJetStreamTokenizer(tokenizer_api.Tokenizer):
@@ -128,9 +147,10 @@ class Qwen3Engine(engine_api.Engine):
         self._stop_ids = jnp.asarray(stop_ids, jnp.int32)
         static = dict(top_k=sampling.top_k, use_top_p=sampling.top_p < 1.0)
         self._prefill_jit = jax.jit(functools.partial(self._prefill_impl, **static))
-        self._extend_jit = jax.jit(functools.partial(self._extend_impl, **static), donate_argnums=(1,))
+        self._extend_jit = jax.jit(functools.partial(self._extend_impl, **static), donate_argnums=(1,),
+                                   static_argnames=("window",))
         self._generate_jit = jax.jit(functools.partial(self._generate_impl, **static), donate_argnums=(1,),
-                                     static_argnames=("num_steps",))
+                                     static_argnames=("num_steps", "window"))
         self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(1,))
         self._finish_jit = jax.jit(self._finish_impl, donate_argnums=(0,))
 
@@ -189,8 +209,9 @@ class Qwen3Engine(engine_api.Engine):
                 pad[axis] = (0, t)
                 return jnp.pad(x, pad)
 
-            cache = kvc.KVCache(k=grow(cache.k, 2), v=grow(cache.v, 2), positions=grow(cache.positions, 1),
-                                segment_ids=grow(cache.segment_ids, 1), lengths=cache.lengths)
+            cache = kvc.KVCache(k=tuple(grow(k, 3) for k in cache.k), v=tuple(grow(v, 2) for v in cache.v),
+                                positions=grow(cache.positions, 1), segment_ids=grow(cache.segment_ids, 1),
+                                lengths=cache.lengths)
         cache, token, logprob = self._run_chunk(params, cache, tokens, true_length, seed, temperature, top_p,
                                                 top_k, use_top_p)
         return {"cache": cache, "token": token, "logprob": logprob, "seed": seed[None]}
@@ -215,9 +236,9 @@ class Qwen3Engine(engine_api.Engine):
     def _insert_impl(self, prefix, state: DecodeState, slot):
         src = prefix["cache"]
         pad = self.max_cache_length - src.max_len
+        k_pad, v_pad = ((0, 0), (0, 0), (0, 0), (0, pad)), ((0, 0), (0, 0), (0, pad), (0, 0))
         row = kvc.KVCache(
-            k=jnp.pad(src.k, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))),
-            v=jnp.pad(src.v, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))),
+            k=tuple(jnp.pad(k, k_pad) for k in src.k), v=tuple(jnp.pad(v, v_pad) for v in src.v),
             positions=jnp.pad(src.positions, ((0, 0), (0, pad))),
             segment_ids=jnp.pad(src.segment_ids, ((0, 0), (0, pad)), constant_values=PAD_SEGMENT),
             lengths=src.lengths)
@@ -236,16 +257,19 @@ class Qwen3Engine(engine_api.Engine):
             raise ValueError(f"prefix of {prefix['cache'].max_len} tokens exceeds max_cache_length")
         return self._insert_jit(prefix, decode_state, jnp.int32(slot))
 
-    def _generate_impl(self, params, state: DecodeState, *, num_steps: int, top_k, use_top_p):
+    def _generate_impl(self, params, state: DecodeState, *, num_steps: int, window: int | None = None, top_k,
+                       use_top_p):
         model = self._model(params)
+        window = state.cache.max_len if window is None else window
+        layer_params = model.layers.per_layer()  # sliced once per call, not once per step
 
         def step(state, _):
             cache = state.cache
             positions = cache.lengths[:, None]
-            fits = cache.lengths < state.limits
-            active = state.active & fits
+            active = state.active & (cache.lengths < state.limits)
             segments = active.astype(jnp.int32)[:, None]
-            hidden, cache = model.hidden_states(state.tokens[:, None], positions, segments, cache)
+            hidden, cache = model.hidden_states(state.tokens[:, None], positions, segments, cache,
+                                                cache_window=window, layer_params=layer_params)
             token, logprob = self._sample_at(model, hidden[:, 0], state.seeds, positions[:, 0] + 1,
                                              state.temperature, state.top_p, top_k, use_top_p)
             token = jnp.where(active, token, state.tokens)
@@ -256,12 +280,28 @@ class Qwen3Engine(engine_api.Engine):
         state, (tokens, logprobs, valid, lengths) = jax.lax.scan(step, state, None, length=num_steps)
         return state, tokens, logprobs, valid, lengths
 
-    def generate_steps(self, params, decode_state: DecodeState, num_steps: int):
+    def generate_steps(self, params, decode_state: DecodeState, num_steps: int, *, context_bound: int | None = None):
         """`num_steps` decode steps in one call -> (state, tokens, logprobs, valid, lengths), each [num_steps, B].
 
         A slot stops (valid False afterwards) when it samples a stop id or its cache reaches its limit.
+        `context_bound` >= every active slot's cache length + num_steps lets attention read only that much of the
+        cache (rounded up to a power of two); a bound below a slot's length is a ValueError (checked on the host
+        before anything runs, so the state is kept).
         """
-        return self._generate_jit(params, decode_state, num_steps=num_steps)
+        window = self._window(context_bound)
+        if window < self.max_cache_length:
+            active = np.asarray(decode_state.active)
+            held = int(np.max(np.asarray(decode_state.cache.lengths)[active], initial=0))
+            if active.any() and held + num_steps > window:
+                raise ValueError(f"generate_steps: context_bound {context_bound} is below a slot's cache length "
+                                 f"{held} + {num_steps} steps")
+        return self._generate_jit(params, decode_state, num_steps=num_steps, window=window)
+
+    def _window(self, context_bound: int | None) -> int:
+        """Cache slots attention reads for a context bound: a power of two (few compiled variants) or all."""
+        if context_bound is None:
+            return self.max_cache_length
+        return min(max(_pow2_at_least(context_bound), MIN_CACHE_WINDOW), self.max_cache_length)
 
     @property
     def generate_function(self):
@@ -291,60 +331,135 @@ class Qwen3Engine(engine_api.Engine):
         axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1)
         size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
         slot_axes = axes if axes and self._slots % size == 0 else None
-        P = jax.sharding.PartitionSpec
-
-        def spec(x):
-            if x.ndim == 5:  # k / v: [layers, slots, length, kv_heads, head_dim]
-                return jax.sharding.NamedSharding(mesh, P(None, slot_axes))
-            return jax.sharding.NamedSharding(mesh, P(slot_axes))
-
-        return jax.tree.map(spec, state)
+        # Every field, the per-layer K/V buffers included, has the slot on axis 0.
+        spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(slot_axes))
+        return jax.tree.map(lambda _: spec, state)
 
     # ------------------------------------------------------------------ driver fast path
-    def _extend_impl(self, params, state: DecodeState, slot, tokens, true_length, reset, seed, temperature, top_p,
-                     limit, *, top_k, use_top_p):
-        c = state.cache
+    def _extend_impl(self, params, state: DecodeState, slots, sources, base_slots, tokens, true_lengths, resets,
+                     seeds, temperature, top_p, limits, *, window, top_k, use_top_p):
+        """Prefill u computed rows and fan them out to n slots (a GRPO group's shared prompt is computed once).
 
-        def take(x, axis):
-            return jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=axis)
+        Computed row r extends slot base_slots[r]'s cache (emptied when resets[r]) with tokens[r, :true_lengths[r]];
+        output row i (slot slots[i]) takes computed row sources[i] and samples its own first token with its own
+        seed. Padding rows point at slot B: gathered empty, dropped on the way back.
+        """
+        model = self._model(params)
+        rows = kvc.clear_rows(kvc.gather_rows(state.cache, base_slots), resets)
+        t = tokens.shape[1]
+        start = rows.lengths
+        idx = jnp.arange(t, dtype=jnp.int32)[None]
+        positions = start[:, None] + idx
+        segments = (idx < true_lengths[:, None]).astype(jnp.int32)
+        hidden, rows = model.hidden_states(tokens, positions, segments, rows, cache_window=window)
+        last = jnp.take_along_axis(hidden, jnp.maximum(true_lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+        rows = jax.tree.map(lambda x: jnp.take(x, sources, axis=0), rows)
+        fresh = jnp.take(resets, sources)
+        seeds = jnp.where(fresh, seeds, state.seeds.at[slots].get(mode="fill", fill_value=0))
+        token, logprob = self._sample_at(model, jnp.take(last, sources, axis=0), seeds, rows.lengths,
+                                         temperature, top_p, top_k, use_top_p)
 
-        row = kvc.KVCache(k=take(c.k, 1), v=take(c.v, 1), positions=take(c.positions, 0),
-                          segment_ids=take(c.segment_ids, 0), lengths=take(c.lengths, 0))
-        row = kvc.clear_rows(row, jnp.broadcast_to(reset, (1,)))
-        seed = jnp.where(reset, seed, state.seeds[slot])
-        row, token, logprob = self._run_chunk(params, row, tokens, true_length, seed, temperature, top_p,
-                                              top_k, use_top_p)
+        def put(x, value):
+            return x.at[slots].set(value, mode="drop")
+
         state = DecodeState(
-            cache=kvc.insert_rows(c, row, slot),
-            tokens=state.tokens.at[slot].set(token[0]),
-            active=state.active.at[slot].set(~jnp.isin(token[0], self._stop_ids) & (row.lengths[0] < limit)),
-            seeds=state.seeds.at[slot].set(seed),
-            temperature=state.temperature.at[slot].set(temperature),
-            top_p=state.top_p.at[slot].set(top_p),
-            limits=state.limits.at[slot].set(limit))
-        return state, token[0], logprob[0], row.lengths[0]
+            cache=kvc.scatter_rows(state.cache, rows, slots),
+            tokens=put(state.tokens, token),
+            active=put(state.active, ~jnp.isin(token, self._stop_ids) & (rows.lengths < limits)),
+            seeds=put(state.seeds, seeds), temperature=put(state.temperature, temperature),
+            top_p=put(state.top_p, top_p), limits=put(state.limits, limits))
+        return state, token, logprob, rows.lengths
+
+    def extend_slots(self, params, decode_state: DecodeState, requests: list["ExtendRequest"], *,
+                     context_bound: int | None = None):
+        """Prefill several slots in one call: each request's tokens go on top of its slot's cached history (or a
+        fresh history when `reset`), then one token is sampled per slot.
+
+        Fresh requests with identical tokens (the samples of one GRPO group) share one computed row. Computed rows,
+        output rows and tokens are padded to buckets to bound recompiles; `prefill_cost` tells a caller what a
+        batch will compute. `context_bound` >= every requested slot's cache length after the call lets attention
+        read only that much of the cache (when every request is a reset the engine knows it itself); a bound below
+        a slot's length is a ValueError before anything runs. Returns (state, tokens [n], logprobs [n], cache lengths [n]) in request
+        order; a sampled token is not yet in the cache (the next decode step feeds it).
+        """
+        if not requests:
+            raise ValueError("extend_slots needs at least one request")
+        s = self.sampling
+        computed: list[ExtendRequest] = []
+        shared: dict[bytes, int] = {}
+        sources = []
+        for r in requests:
+            if not 0 <= r.slot < self._slots:
+                raise ValueError(f"slot {r.slot} outside [0, {self._slots})")
+            key = np.asarray(r.tokens, np.int32).tobytes() if r.reset else None
+            if key is not None and key in shared:
+                sources.append(shared[key])
+                continue
+            if key is not None:
+                shared[key] = len(computed)
+            sources.append(len(computed))
+            computed.append(r)
+        if len({r.slot for r in requests}) != len(requests):
+            raise ValueError("extend_slots: a slot appears twice")
+        longest = max(len(r.tokens) for r in computed)
+        if min(len(r.tokens) for r in computed) == 0:
+            raise ValueError("extend_slots needs at least one token per request")
+        bucket = prefill_bucket(longest, self._max_prefill)
+        u, rows = _pow2_at_least(len(computed)), _pow2_at_least(len(requests))
+        padded = np.zeros((u, bucket), np.int32)
+        true_lengths = np.zeros(u, np.int32)
+        base_slots = np.full(u, self._slots, np.int32)
+        resets = np.ones(u, bool)
+        for i, r in enumerate(computed):
+            padded[i, :len(r.tokens)] = r.tokens
+            true_lengths[i], base_slots[i], resets[i] = len(r.tokens), r.slot, r.reset
+        slots = np.full(rows, self._slots, np.int32)
+        source = np.zeros(rows, np.int32)
+        seeds = np.zeros(rows, np.uint32)
+        temperature = np.full(rows, s.temperature, np.float32)
+        top_p = np.full(rows, s.top_p, np.float32)
+        limits = np.full(rows, self.max_cache_length, np.int32)
+        for i, r in enumerate(requests):
+            rs = r.sampling or s
+            if rs.top_k != s.top_k or (rs.top_p < 1.0) != (s.top_p < 1.0):
+                raise ValueError("per-slot sampling may change temperature and top_p, not top_k or top-p on/off")
+            slots[i], source[i], seeds[i] = r.slot, sources[i], r.seed
+            temperature[i], top_p[i] = rs.temperature, rs.top_p
+            if r.limit is not None:
+                limits[i] = min(r.limit, self.max_cache_length)
+        if context_bound is None and all(r.reset for r in requests):
+            context_bound = longest
+        window = self._window(context_bound)
+        continuing = [r for r in requests if not r.reset]
+        if window < self.max_cache_length and continuing:
+            held = np.asarray(decode_state.cache.lengths)
+            need = max(int(held[r.slot]) + len(r.tokens) for r in continuing)
+            if need > window:
+                raise ValueError(f"extend_slots: context_bound {context_bound} is below a slot's cache length {need}")
+        n = len(requests)
+        state, token, logprob, lengths = self._extend_jit(
+            self._params if params is None else params, decode_state, *map(jnp.asarray, (
+                slots, source, base_slots, padded, true_lengths, resets, seeds, temperature, top_p, limits)),
+            window=window)
+        return state, token[:n], logprob[:n], lengths[:n]
+
+    def prefill_cost(self, requests: list["ExtendRequest"]) -> int:
+        """Padded tokens that `extend_slots(requests)` computes (shared prompts once), for batching decisions."""
+        unique = {np.asarray(r.tokens, np.int32).tobytes() if r.reset else ("slot", r.slot) for r in requests}
+        longest = max(len(r.tokens) for r in requests)
+        return _pow2_at_least(len(unique)) * prefill_bucket(longest, self._max_prefill)
 
     def extend_slot(self, params, decode_state: DecodeState, slot: int, tokens, *, reset: bool, seed: int = 0,
-                    limit: int | None = None, sampling_settings: SamplingSettings | None = None):
-        """Prefill `tokens` on top of slot's cached history (or a fresh history when `reset`) and sample one token.
+                    limit: int | None = None, sampling_settings: SamplingSettings | None = None,
+                    context_bound: int | None = None):
+        """One-slot `extend_slots`: returns (state, token, logprob, cache_length) as scalars.
 
-        Returns (state, token, logprob, cache_length). The sampled token is not yet in the cache: the next decode
-        step feeds it. `limit` caps the slot's cache length for the message about to be generated.
+        `limit` caps the slot's cache length for the message about to be generated.
         """
-        tokens = np.asarray(tokens, np.int32)
-        n = len(tokens)
-        if n == 0:
-            raise ValueError("extend_slot needs at least one token")
-        bucket = prefill_bucket(n, self._max_prefill)
-        padded = np.zeros((1, bucket), np.int32)
-        padded[0, :n] = tokens
-        s = sampling_settings or self.sampling
-        if s.top_k != self.sampling.top_k or (s.top_p < 1.0) != (self.sampling.top_p < 1.0):
-            raise ValueError("per-slot sampling may change temperature and top_p, not top_k or top-p on/off")
-        limit = self.max_cache_length if limit is None else min(limit, self.max_cache_length)
-        return self._extend_jit(self._params if params is None else params, decode_state, jnp.int32(slot),
-                                jnp.asarray(padded), jnp.int32(n), jnp.bool_(reset), jnp.uint32(seed),
-                                jnp.float32(s.temperature), jnp.float32(s.top_p), jnp.int32(limit))
+        state, token, logprob, length = self.extend_slots(
+            params, decode_state, [ExtendRequest(slot, tokens, reset=reset, seed=seed, limit=limit,
+                                                 sampling=sampling_settings)], context_bound=context_bound)
+        return state, token[0], logprob[0], length[0]
 
     def _finish_impl(self, state: DecodeState, slot, length):
         """Stop a slot and cut its cache back to `length` tokens (drops tokens decoded past a stop)."""
