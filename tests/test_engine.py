@@ -208,6 +208,31 @@ def test_decoding_within_a_context_bound_equals_the_full_cache(hf_and_model):
     assert int(length) == 130
 
 
+def test_decode_state_is_sharded_over_the_batch_axes_and_decodes_like_one_device(hf_and_model):
+    import jax
+    from flax import nnx
+
+    from t3rl_jax import sharding as sh
+
+    _, model = hf_and_model
+    mesh = sh.make_mesh({"data": 2, "fsdp": 4, "tensor": 1, "sequence": 1})
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    on_mesh = nnx.merge(graphdef, jax.device_put(params, replicated), rest)
+    engines = [_engine(on_mesh, slots=8, mesh=mesh), _engine(model, slots=8)]
+    state = engines[0].init_decode_state()
+    for leaf in jax.tree.leaves(state):  # every device holds its own slot of every buffer, nothing more
+        assert leaf.sharding.spec[0] == ("data", "fsdp")
+        assert {shard.data.shape[0] for shard in leaf.addressable_shards} == {1}
+    requests = [ExtendRequest(s, list(range(2 + s, 12 + 3 * s)), reset=True, seed=s) for s in range(8)]
+    outputs = []
+    for engine in engines:
+        state, first, _, _ = engine.extend_slots(None, engine.init_decode_state(), requests)
+        outputs.append((np.asarray(first), _decode_all(engine, state, 5)[1]))
+    np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
+    np.testing.assert_array_equal(outputs[0][1], outputs[1][1])
+
+
 def test_prefill_buckets_are_few_and_tight():
     assert [prefill_bucket(n, 8192) for n in (1, 16, 17, 700, 1024, 1025, 2148, 8000)] == \
         [16, 16, 32, 1024, 1024, 2048, 3072, 8192]
