@@ -51,7 +51,7 @@ def our_decode(engine, prompts, new_tokens: int, split: dict | None = None):
     import jax
     import numpy as np
 
-    from t3rl_jax.rollout.engine import ExtendRequest
+    from t3rl_jax.rollout.extend_batch import ExtendRequest
 
     start = time.perf_counter()
     state = engine.init_decode_state()

@@ -157,7 +157,7 @@ def validate(cfg, *, known_presets: Sequence[str] | None = None) -> None:
 
     r = cfg.rollout
     _require(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]", cfg)
-    # Our engine buckets prefills in multiples of 16 (see rollout/engine.prefill_bucket); JetStream's own server
+    # Our engine buckets prefills in multiples of 16 (see rollout/extend_batch.prefill_bucket); JetStream's own server
     # needs power-of-two buckets, which scripts/serve.py picks for itself.
     _require(16 <= r.max_prefill_length <= 32768 and r.max_prefill_length % 16 == 0,
              "rollout.max_prefill_length", "must be a multiple of 16 in [16, 32768]", cfg)

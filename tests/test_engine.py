@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from t3rl_jax.models import hf_io
-from t3rl_jax.rollout.engine import ExtendRequest, Qwen3Engine, SamplingSettings, prefill_bucket
+from t3rl_jax.rollout.engine import Qwen3Engine, SamplingSettings
+from t3rl_jax.rollout.extend_batch import ExtendRequest, prefill_bucket
 from tests import helpers_hf
 
 STOP = (10_000,)  # outside the tiny vocab: generation runs to the length limit

@@ -25,7 +25,8 @@ import numpy as np
 
 from t3rl_jax import profiling
 from t3rl_jax.chat_format import ChatEncoder, to_json
-from t3rl_jax.rollout.engine import ExtendRequest, Qwen3Engine, SamplingSettings
+from t3rl_jax.rollout.engine import Qwen3Engine, SamplingSettings
+from t3rl_jax.rollout.extend_batch import ExtendRequest
 from t3rl_jax.rollout.trajectory import Trajectory
 from t3rl_jax.tool_calls import parse_reply_ids
 

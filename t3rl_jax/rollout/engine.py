@@ -27,11 +27,10 @@ from flax import nnx
 
 from t3rl_jax.models import kv_cache as kvc
 from t3rl_jax.models.attention import PAD_SEGMENT
-from t3rl_jax.rollout import sampling
+from t3rl_jax.rollout import extend_batch, sampling
+from t3rl_jax.rollout.extend_batch import ExtendRequest
 from t3rl_jax.rollout.jetstream_compat import engine_api, tokenizer_api
 
-MIN_PREFILL_BUCKET = 16
-LINEAR_BUCKET_STEP = 1024
 MIN_CACHE_WINDOW = 128  # smallest attention window over the cache in decode (bounds recompiles)
 
 
@@ -60,38 +59,6 @@ class DecodeState:
     temperature: jax.Array  # [B] float32
     top_p: jax.Array        # [B] float32
     limits: jax.Array       # [B] int32: stop once the cache holds this many tokens
-
-
-def prefill_bucket(length: int, max_length: int) -> int:
-    """Padded prefill length: powers of two up to LINEAR_BUCKET_STEP, then multiples of it.
-
-    Bounds the number of prefill compilations while wasting at most LINEAR_BUCKET_STEP tokens on the long BFCL
-    prompts (2k-5k tokens with tools), where doubling would waste up to half the work.
-    """
-    if length > max_length:
-        raise ValueError(f"prefill of {length} tokens exceeds max_prefill_length {max_length}")
-    bucket = MIN_PREFILL_BUCKET
-    while bucket < length and bucket < LINEAR_BUCKET_STEP:
-        bucket *= 2
-    if bucket < length:
-        bucket = -(-length // LINEAR_BUCKET_STEP) * LINEAR_BUCKET_STEP
-    return min(bucket, max_length)
-
-
-@dataclasses.dataclass(frozen=True)
-class ExtendRequest:
-    """Tokens to prefill into one slot (see `Qwen3Engine.extend_slots`)."""
-
-    slot: int
-    tokens: Any  # sequence of int token ids
-    reset: bool = False  # start the slot's history afresh (a new episode)
-    seed: int = 0  # sampling seed of a fresh episode (a continuing slot keeps its own)
-    limit: int | None = None  # cap on the slot's cache length for the message about to be generated
-    sampling: SamplingSettings | None = None
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 class QwenJetStreamTokenizer(tokenizer_api.Tokenizer):
@@ -302,7 +269,7 @@ class Qwen3Engine(engine_api.Engine):
         """Cache slots attention reads for a context bound: a power of two (few compiled variants) or all."""
         if context_bound is None:
             return self.max_cache_length
-        return min(max(_pow2_at_least(context_bound), MIN_CACHE_WINDOW), self.max_cache_length)
+        return min(max(extend_batch.pow2_at_least(context_bound), MIN_CACHE_WINDOW), self.max_cache_length)
 
     @property
     def generate_function(self):
@@ -378,7 +345,7 @@ class Qwen3Engine(engine_api.Engine):
             top_p=put(state.top_p, top_p), limits=put(state.limits, limits))
         return state, token, logprob, rows.lengths
 
-    def extend_slots(self, params, decode_state: DecodeState, requests: list["ExtendRequest"], *,
+    def extend_slots(self, params, decode_state: DecodeState, requests: list[ExtendRequest], *,
                      context_bound: int | None = None):
         """Prefill several slots in one call: each request's tokens go on top of its slot's cached history (or a
         fresh history when `reset`), then one token is sampled per slot.
@@ -390,53 +357,10 @@ class Qwen3Engine(engine_api.Engine):
         a slot's length is a ValueError before anything runs. Returns (state, tokens [n], logprobs [n], cache lengths [n]) in request
         order; a sampled token is not yet in the cache (the next decode step feeds it).
         """
-        if not requests:
-            raise ValueError("extend_slots needs at least one request")
-        s = self.sampling
-        computed: list[ExtendRequest] = []
-        shared: dict[bytes, int] = {}
-        sources = []
-        for r in requests:
-            if not 0 <= r.slot < self._slots:
-                raise ValueError(f"slot {r.slot} outside [0, {self._slots})")
-            key = np.asarray(r.tokens, np.int32).tobytes() if r.reset else None
-            if key is not None and key in shared:
-                sources.append(shared[key])
-                continue
-            if key is not None:
-                shared[key] = len(computed)
-            sources.append(len(computed))
-            computed.append(r)
-        if len({r.slot for r in requests}) != len(requests):
-            raise ValueError("extend_slots: a slot appears twice")
-        longest = max(len(r.tokens) for r in computed)
-        if min(len(r.tokens) for r in computed) == 0:
-            raise ValueError("extend_slots needs at least one token per request")
-        bucket = prefill_bucket(longest, self._max_prefill)
-        u, rows = _pow2_at_least(len(computed)), _pow2_at_least(len(requests))
-        padded = np.zeros((u, bucket), np.int32)
-        true_lengths = np.zeros(u, np.int32)
-        base_slots = np.full(u, self._slots, np.int32)
-        resets = np.ones(u, bool)
-        for i, r in enumerate(computed):
-            padded[i, :len(r.tokens)] = r.tokens
-            true_lengths[i], base_slots[i], resets[i] = len(r.tokens), r.slot, r.reset
-        slots = np.full(rows, self._slots, np.int32)
-        source = np.zeros(rows, np.int32)
-        seeds = np.zeros(rows, np.uint32)
-        temperature = np.full(rows, s.temperature, np.float32)
-        top_p = np.full(rows, s.top_p, np.float32)
-        limits = np.full(rows, self.max_cache_length, np.int32)
-        for i, r in enumerate(requests):
-            rs = r.sampling or s
-            if rs.top_k != s.top_k or (rs.top_p < 1.0) != (s.top_p < 1.0):
-                raise ValueError("per-slot sampling may change temperature and top_p, not top_k or top-p on/off")
-            slots[i], source[i], seeds[i] = r.slot, sources[i], r.seed
-            temperature[i], top_p[i] = rs.temperature, rs.top_p
-            if r.limit is not None:
-                limits[i] = min(r.limit, self.max_cache_length)
+        batch = extend_batch.pack(requests, num_slots=self._slots, max_prefill=self._max_prefill,
+                                  max_cache_length=self.max_cache_length, sampling=self.sampling)
         if context_bound is None and all(r.reset for r in requests):
-            context_bound = longest
+            context_bound = batch.longest
         window = self._window(context_bound)
         continuing = [r for r in requests if not r.reset]
         if window < self.max_cache_length and continuing:
@@ -446,16 +370,12 @@ class Qwen3Engine(engine_api.Engine):
                 raise ValueError(f"extend_slots: context_bound {context_bound} is below a slot's cache length {need}")
         n = len(requests)
         state, token, logprob, lengths = self._extend_jit(
-            self._params if params is None else params, decode_state, *map(jnp.asarray, (
-                slots, source, base_slots, padded, true_lengths, resets, seeds, temperature, top_p, limits)),
-            window=window)
+            self._params if params is None else params, decode_state, *map(jnp.asarray, batch.arrays()), window=window)
         return state, token[:n], logprob[:n], lengths[:n]
 
-    def prefill_cost(self, requests: list["ExtendRequest"]) -> int:
+    def prefill_cost(self, requests: list[ExtendRequest]) -> int:
         """Padded tokens that `extend_slots(requests)` computes (shared prompts once), for batching decisions."""
-        unique = {np.asarray(r.tokens, np.int32).tobytes() if r.reset else ("slot", r.slot) for r in requests}
-        longest = max(len(r.tokens) for r in requests)
-        return _pow2_at_least(len(unique)) * prefill_bucket(longest, self._max_prefill)
+        return extend_batch.prefill_cost(requests, self._max_prefill)
 
     def extend_slot(self, params, decode_state: DecodeState, slot: int, tokens, *, reset: bool, seed: int = 0,
                     limit: int | None = None, sampling_settings: SamplingSettings | None = None,
