@@ -12,6 +12,7 @@ from flax import nnx
 
 from t3rl_jax import sharding as sh
 from t3rl_jax.models import context_parallel as cp
+from t3rl_jax.models.embedding import make_sharded_embedding_lookup
 from t3rl_jax.models.model_config import TINY
 from t3rl_jax.models.qwen3 import Qwen3
 
@@ -87,7 +88,8 @@ def test_sharded_forward_and_grads_equal_single_device(reference, shape, fsdp_ov
     mesh = sh.make_mesh(dict(zip(sh.MESH_AXES, shape)))
     rules = sh.logical_axis_rules(fsdp_over_sequence=fsdp_over_sequence)
     model_kwargs = dict(attention_fn=cp.make_context_parallel_attention(mesh, rules, block_size=8),
-                        activation_constraint=sh.make_activation_constraint(mesh, rules))
+                        activation_constraint=sh.make_activation_constraint(mesh, rules),
+                        embedding_fn=make_sharded_embedding_lookup(mesh, rules))  # as the trainer builds it
     param_sh = sh.state_shardings(params, mesh, rules)
     batch_sh = sh.batch_shardings(batch, mesh, rules)
     weight_sh = jax.sharding.NamedSharding(mesh, sh.logical_to_spec(("batch", "length", "vocab"), rules, mesh=mesh))
