@@ -61,7 +61,8 @@ def cache_attention(q, k_cache, v_cache, mask, *, query_block: int = CACHE_QUERY
     """
     b, t, hq, d = q.shape
     if k_cache.shape[2] != d or v_cache.shape[3] != d:
-        raise ValueError(f"cache_attention: k_cache {k_cache.shape} / v_cache {v_cache.shape} do not match head_dim {d}")
+        raise ValueError(f"cache_attention: k_cache {k_cache.shape} / v_cache {v_cache.shape} do not match "
+                         f"head_dim {d}")
     if hq % k_cache.shape[1]:
         raise ValueError(f"query heads {hq} are not a multiple of kv heads {k_cache.shape[1]}")
     if t <= query_block:
@@ -82,20 +83,14 @@ def _cache_attention_block(q, k_cache, v_cache, mask):
     b, t, hq, d = q.shape
     hkv = k_cache.shape[1]
     g = hq // hkv
-    if t == 1:  # a decode step: plain reshapes, no transposes (each would be a copy per layer and step)
-        qg = q.reshape(b, hkv, g, d)
-    else:
-        qg = q.reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)
+    qg = q.reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)
     scores = jnp.einsum("bkmd,bkds->bkms", qg, k_cache, preferred_element_type=jnp.float32) * (d ** -0.5)
     m = jnp.broadcast_to(mask[:, None, None], (b, 1, g, t, mask.shape[-1])).reshape(b, 1, g * t, -1)
     scores = jnp.where(m, scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(m, probs, 0.0).astype(v_cache.dtype)
     out = jnp.einsum("bkms,bksd->bkmd", probs, v_cache, preferred_element_type=jnp.float32)
-    out = out.astype(v_cache.dtype)
-    if t == 1:
-        return out.reshape(b, 1, hq, d)
-    return out.reshape(b, hkv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
+    return out.astype(v_cache.dtype).reshape(b, hkv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
 
 
 def attend(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_ids):

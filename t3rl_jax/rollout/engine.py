@@ -354,8 +354,8 @@ class Qwen3Engine(engine_api.Engine):
         output rows and tokens are padded to buckets to bound recompiles; `prefill_cost` tells a caller what a
         batch will compute. `context_bound` >= every requested slot's cache length after the call lets attention
         read only that much of the cache (when every request is a reset the engine knows it itself); a bound below
-        a slot's length is a ValueError before anything runs. Returns (state, tokens [n], logprobs [n], cache lengths [n]) in request
-        order; a sampled token is not yet in the cache (the next decode step feeds it).
+        a slot's length is a ValueError before anything runs. Returns (state, tokens [n], logprobs [n], cache
+        lengths [n]) in request order; a sampled token is not yet in the cache (the next decode step feeds it).
         """
         batch = extend_batch.pack(requests, num_slots=self._slots, max_prefill=self._max_prefill,
                                   max_cache_length=self.max_cache_length, sampling=self.sampling)
