@@ -162,10 +162,12 @@ class DecoderStack(nnx.Module):
     def arrays(self) -> dict:
         return {name: getattr(self, name)[...] for name in LAYER_PARAM_NAMES}
 
-    def per_layer(self) -> list[dict]:
-        """Each layer's parameters sliced out of the stacks (see `Qwen3.hidden_states`' `layer_params`)."""
+    def per_layer(self, dtype=None) -> list[dict]:
+        """Each layer's parameters sliced out of the stacks, optionally cast (see `Qwen3.hidden_states`'
+        `layer_params`)."""
         stacked = self.arrays()
-        return [{k: v[i] for k, v in stacked.items()} for i in range(len(stacked["input_norm"]))]
+        return [{k: v[i] if dtype is None else v[i].astype(dtype) for k, v in stacked.items()}
+                for i in range(len(stacked["input_norm"]))]
 
 
 class Qwen3(nnx.Module):
@@ -223,9 +225,9 @@ class Qwen3(nnx.Module):
         `cache_window` (static) lets the new tokens attend over only the first `cache_window` cache slots: attention
         then costs the context actually held, not the cache's capacity. The caller guarantees every row's
         length after this call is <= cache_window.
-        `layer_params` (cached path only): `self.layers.per_layer()` computed once outside a decode loop. XLA does
-        not hoist the per-layer weight slices out of a while loop, so without it every decode step copies
-        every weight.
+        `layer_params` (cached path only): `self.layers.per_layer(compute_dtype)` computed once outside a decode
+        loop. XLA does not hoist the per-layer weight slices (nor casts) out of a while loop, so without it every
+        decode step copies every weight.
         """
         cfg = self.config
         _check_inputs(tokens, positions, segment_ids)

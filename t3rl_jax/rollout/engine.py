@@ -229,7 +229,7 @@ class Qwen3Engine(engine_api.Engine):
                        use_top_p):
         model = self._model(params)
         window = state.cache.max_len if window is None else window
-        layer_params = model.layers.per_layer()  # sliced once per call, not once per step
+        layer_params = model.layers.per_layer(model.compute_dtype)  # sliced and cast once per call, not per step
 
         def step(state, _):
             cache = state.cache
