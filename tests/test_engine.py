@@ -1,5 +1,7 @@
 """Qwen3Engine: greedy parity with transformers, JetStream API semantics, prefix reuse, seeded sampling."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -218,8 +220,7 @@ def test_decode_state_is_sharded_over_the_batch_axes_and_decodes_like_one_device
     _, model = hf_and_model
     mesh = sh.make_mesh({"data": 2, "fsdp": 4, "tensor": 1, "sequence": 1})
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    on_mesh = nnx.merge(graphdef, jax.device_put(params, replicated), rest)
+    on_mesh = nnx.merge(graphdef, jax.device_put(params, sh.state_shardings(params, mesh)), rest)  # FSDP weights
     engines = [_engine(on_mesh, slots=8, mesh=mesh), _engine(model, slots=8)]
     state = engines[0].init_decode_state()
     for leaf in jax.tree.leaves(state):  # every device holds its own slot of every buffer, nothing more
@@ -232,6 +233,13 @@ def test_decode_state_is_sharded_over_the_batch_axes_and_decodes_like_one_device
         outputs.append((np.asarray(first), _decode_all(engine, state, 5)[1]))
     np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
     np.testing.assert_array_equal(outputs[0][1], outputs[1][1])
+    # Inside the decode loop nothing float crosses devices: weights are gathered once per call and every cache
+    # write stays on the device holding its slot (only a few per-slot ints/flags are exchanged per step).
+    hlo = engines[0].generate_function.lower(engines[0].params, engines[0].init_decode_state(),
+                                             num_steps=4).compile().as_text()
+    loop_bodies = [c for c in hlo.split("\n\n") if "_spmd" in c.split("\n", 1)[0] and "ENTRY" not in c[:6]]
+    gathers = [line for c in loop_bodies for line in c.splitlines() if re.search(r"all-gather(-start)?\(", line)]
+    assert gathers and not [g for g in gathers if re.search(r"= (f32|bf16)\[", g)], gathers
 
 
 def test_prefill_buckets_are_few_and_tight():

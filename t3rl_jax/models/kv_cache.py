@@ -83,9 +83,10 @@ def append_tokens(cache: KVCache, positions: jax.Array, segment_ids: jax.Array) 
     so an engine checks capacity on the host before decoding.
     """
     idx = write_indices(cache.lengths, segment_ids, cache.max_len)
-    rows = jnp.arange(cache.batch)[:, None]
-    new_positions = cache.positions.at[rows, idx].set(positions.astype(jnp.int32), mode="drop")
-    new_segments = cache.segment_ids.at[rows, idx].set(segment_ids.astype(jnp.int32), mode="drop")
+    # Row by row (vmap) so the scatter keeps a batch dimension and stays local to each slot's device.
+    put = jax.vmap(lambda row, i, new: row.at[i].set(new.astype(jnp.int32), mode="drop"))
+    new_positions = put(cache.positions, idx, positions)
+    new_segments = put(cache.segment_ids, idx, segment_ids)
     added = jnp.sum(segment_ids != PAD_SEGMENT, axis=1, dtype=jnp.int32)
     lengths = jnp.minimum(cache.lengths + added, cache.max_len)
     return dataclasses.replace(cache, positions=new_positions, segment_ids=new_segments, lengths=lengths), idx

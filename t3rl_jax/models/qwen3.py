@@ -139,11 +139,16 @@ class _LayerCache:
     window: int = dataclasses.field(metadata=dict(static=True))
 
     def write(self, k, v) -> "_LayerCache":
-        rows = jnp.arange(self.k.shape[0])[:, None]
-        # Advanced indices split by slices: either indexed view is [B, T, Hkv, D], the new tokens' own layout.
-        k_new = self.k.at[rows, :, :, self.write_idx].set(k.astype(self.k.dtype), mode="drop")
-        v_new = self.v.at[rows, :, self.write_idx].set(v.astype(self.v.dtype), mode="drop")
-        return dataclasses.replace(self, k=k_new, v=v_new)
+        # Per row (vmap): the scatter then has a batch dimension, which keeps it local to the devices holding
+        # each slot; indexing rows by a global iota made the partitioner all-gather every slot's keys per layer.
+        def put_k(buf, idx, new):  # buf [Hkv, D, S], new [T, Hkv, D]
+            return buf.at[:, :, idx].set(new.transpose(1, 2, 0).astype(buf.dtype), mode="drop")
+
+        def put_v(buf, idx, new):  # buf [Hkv, S, D]
+            return buf.at[:, idx].set(new.transpose(1, 0, 2).astype(buf.dtype), mode="drop")
+
+        return dataclasses.replace(self, k=jax.vmap(put_k)(self.k, self.write_idx, k),
+                                   v=jax.vmap(put_v)(self.v, self.write_idx, v))
 
     def visible(self):
         if self.window == self.v.shape[2]:

@@ -30,6 +30,7 @@ from t3rl_jax.models.attention import PAD_SEGMENT
 from t3rl_jax.rollout import extend_batch, sampling
 from t3rl_jax.rollout.extend_batch import ExtendRequest
 from t3rl_jax.rollout.jetstream_compat import engine_api, tokenizer_api
+from t3rl_jax.sharding import spec_axes
 
 MIN_CACHE_WINDOW = 128  # smallest attention window over the cache in decode (bounds recompiles)
 
@@ -59,6 +60,22 @@ class DecodeState:
     temperature: jax.Array  # [B] float32
     top_p: jax.Array        # [B] float32
     limits: jax.Array       # [B] int32: stop once the cache holds this many tokens
+
+
+def _decode_layer_shardings(stacked: dict) -> dict | None:
+    """Per-layer weight shardings for decoding: each stacked weight's own sharding without its `layers` entry and
+    without every mesh axis but `tensor` (tensor parallelism stays, FSDP-style splits are gathered). None when the
+    weights are not on a multi-device mesh."""
+    out = {}
+    for name, array in stacked.items():
+        sharding = getattr(array, "sharding", None)
+        if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh.size == 1:
+            return None
+        spec = tuple(sharding.spec) + (None,) * (array.ndim - len(sharding.spec))
+        kept = [tuple(a for a in spec_axes(entry) if a == "tensor") or None for entry in spec[1:]]
+        out[name] = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
+            *(entry[0] if entry else None for entry in kept)))
+    return out
 
 
 class QwenJetStreamTokenizer(tokenizer_api.Tokenizer):
@@ -102,6 +119,7 @@ class Qwen3Engine(engine_api.Engine):
         self._graphdef, self._params, self._rest = nnx.split(model, nnx.Param, ...)
         # Read once: after a donating train step the arrays here may be deleted before update_params runs.
         self._param_shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), self._params)
+        self._decode_layer_shardings = _decode_layer_shardings(model.layers.arrays())
         self.config = model.config
         self._tokenizer = tokenizer
         self._slots = max_concurrent_decodes
@@ -230,6 +248,10 @@ class Qwen3Engine(engine_api.Engine):
         model = self._model(params)
         window = state.cache.max_len if window is None else window
         layer_params = model.layers.per_layer(model.compute_dtype)  # sliced and cast once per call, not per step
+        if self._decode_layer_shardings is not None:
+            # Gathered here, once per call: left FSDP-sharded, every step all-gathers every layer's weights.
+            layer_params = [{k: jax.lax.with_sharding_constraint(v, self._decode_layer_shardings[k])
+                             for k, v in p.items()} for p in layer_params]
 
         def step(state, _):
             cache = state.cache
