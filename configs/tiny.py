@@ -10,6 +10,7 @@ from configs.base import named, recipe
 def get_config():
     c = named(recipe(), "tiny")
     c.init_from = ""  # random init
+    c.compilation_cache_dir = ""  # CPU compiles are quick; tests run this preset and must not write into runs/
     c.model.update(
         preset="tiny", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
         intermediate_size=128, dtype="float32", param_dtype="float32", remat="none",

@@ -18,6 +18,7 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
     "stage": None,
     "next_stage": None,
     "dump_hlo": None,
+    "compilation_cache_dir": None,
     "model": ("preset", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
               "intermediate_size", "vocab_size", "dtype", "param_dtype", "remat", "scan_layers"),
     "mesh": ("data", "fsdp", "tensor", "sequence", "coordinator_address", "num_processes", "process_id"),

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             report = dry_run(cfg)
             print(f"dry run ok: {report.num_params:,} parameters, mesh {report.mesh}, train step lowered")
             return 0
+        use_compilation_cache(cfg.compilation_cache_dir)
         result = Trainer(cfg).run()
         print(f"stage {cfg.stage} finished at step {result['step']}"
               + (f", val accuracy {result['val/accuracy/overall']:.3f}" if "val/accuracy/overall" in result else ""))
@@ -43,6 +44,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"next stage: python -m t3rl_jax.main --config={cfg.next_stage}")
             return 0
         cfg = load_config(cfg.next_stage)
+
+
+def use_compilation_cache(directory: str) -> None:
+    """Persist compiled executables in `directory` (JAX's compilation cache); "" leaves it off."""
+    if directory:
+        import os
+
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
 
 
 if __name__ == "__main__":

@@ -181,3 +181,20 @@ def test_algo_section_builds_loss_settings():
 
     settings = LossSettings.from_algo_config(load_config("paper_stage2").algo)
     assert settings.needs_reference and settings.kl_coef == 0.1 and settings.dual_clip == 3.0
+
+
+def test_compilation_cache_is_on_for_the_recipe_and_off_for_the_cpu_demo(tmp_path):
+    import jax
+
+    from t3rl_jax.main import use_compilation_cache
+
+    assert load_config("stage2").compilation_cache_dir == "runs/.jax_cache"
+    assert load_config("tiny").compilation_cache_dir == ""
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        use_compilation_cache("")
+        assert jax.config.jax_compilation_cache_dir == before
+        use_compilation_cache(str(tmp_path / "cache"))
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
