@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import jax
 import jax.numpy as jnp
 from scipy import stats
@@ -68,19 +69,36 @@ def test_top_p_keeps_smallest_prefix_reaching_mass():
     assert p > 1e-3
 
 
-def test_inverse_cdf_draw_never_picks_masked_tokens_and_matches_frequencies():
-    logits = np.array([-np.inf, 0.0, -np.inf, 1.0, 0.5, -np.inf], np.float32)
+@pytest.mark.parametrize("block", [sampling.CDF_BLOCK, 2, 4])  # one level, and blocks split by the masks
+def test_inverse_cdf_draw_never_picks_masked_tokens_and_matches_frequencies(block):
+    logits = np.array([-np.inf, 0.0, -np.inf, 1.0, 0.5, -np.inf, -np.inf], np.float32)
     n = 20000
     u = jax.random.uniform(jax.random.key(4), (n,))
-    tokens = np.asarray(sampling.inverse_cdf_draw(u, jnp.tile(jnp.asarray(logits)[None], (n, 1))))
+    draw = jax.jit(lambda u, x: sampling.inverse_cdf_draw(u, x, block=block))
+    tokens = np.asarray(draw(u, jnp.tile(jnp.asarray(logits)[None], (n, 1))))
     counts = np.bincount(tokens, minlength=len(logits))
-    assert counts[[0, 2, 5]].sum() == 0
+    assert counts[[0, 2, 5, 6]].sum() == 0
     probs = _softmax(logits[[1, 3, 4]].astype(np.float64))
     _, p = stats.chisquare(counts[[1, 3, 4]], probs * n)
     assert p > 1e-3
     # Extreme uniforms stay inside the support.
-    edge = np.asarray(sampling.inverse_cdf_draw(jnp.asarray([0.0, 1.0 - 1e-7]), jnp.tile(jnp.asarray(logits)[None], (2, 1))))
+    edge = np.asarray(draw(jnp.asarray([0.0, 1.0 - 1e-7]), jnp.tile(jnp.asarray(logits)[None], (2, 1))))
     assert edge.tolist() == [1, 4]
+
+
+def test_two_level_draw_matches_frequencies_over_many_blocks():
+    rng = np.random.default_rng(9)
+    logits = rng.normal(0, 1.5, 50).astype(np.float32)
+    logits[rng.random(50) < 0.3] = -np.inf
+    n = 40000
+    u = jax.random.uniform(jax.random.key(5), (n,))
+    tokens = np.asarray(jax.jit(lambda u, x: sampling.inverse_cdf_draw(u, x, block=8))(
+        u, jnp.tile(jnp.asarray(logits)[None], (n, 1))))
+    counts = np.bincount(tokens, minlength=50)
+    support = np.isfinite(logits)
+    assert counts[~support].sum() == 0
+    _, p = stats.chisquare(counts[support], _softmax(logits[support].astype(np.float64)) * n)
+    assert p > 1e-3
 
 
 def test_first_argmax_equals_numpy_argmax_with_ties_and_infinities():
