@@ -190,7 +190,7 @@ def test_decoding_within_a_context_bound_equals_the_full_cache(hf_and_model):
         return _decode_all(engine, state, 8, **kw)[1:]
 
     longest = 30 + 7 * 2 - 3 - 2
-    full, windowed = run(), run(context_bound=longest + 8)  # a 128-slot window of the 512-slot cache
+    full, windowed = run(), run(context_bound=longest + 8)  # a 64-slot window of the 512-slot cache
     for a, b in zip(full, windowed):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # A continuing prefill within a bound equals one over the whole cache.
@@ -202,7 +202,7 @@ def test_decoding_within_a_context_bound_equals_the_full_cache(hf_and_model):
         outs.append((int(tok), float(lp), int(length)))
     assert outs[0][::2] == outs[1][::2] and abs(outs[0][1] - outs[1][1]) < 1e-5
     state, *_ = engine.extend_slot(None, engine.init_decode_state(), 0, list(range(1, 65)), reset=True)
-    state, *_ = engine.extend_slot(None, state, 0, list(range(1, 65)), reset=False)  # 128 cached: past a 128 window
+    state, *_ = engine.extend_slot(None, state, 0, list(range(1, 65)), reset=False)  # 128 cached: past a 64 window
     with pytest.raises(ValueError, match="context_bound"):
         engine.generate_steps(engine.params, state, 2, context_bound=64)
     with pytest.raises(ValueError, match="context_bound"):

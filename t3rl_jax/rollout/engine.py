@@ -32,7 +32,7 @@ from t3rl_jax.rollout.extend_batch import ExtendRequest
 from t3rl_jax.rollout.jetstream_compat import engine_api, tokenizer_api
 from t3rl_jax.sharding import spec_axes
 
-MIN_CACHE_WINDOW = 128  # smallest attention window over the cache in decode (bounds recompiles)
+MIN_CACHE_WINDOW = 16  # smallest attention window over the cache (powers of two above it bound recompiles)
 
 
 @dataclasses.dataclass(frozen=True)
