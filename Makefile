@@ -6,6 +6,13 @@ STAMP := $(VENV)/.installed
 # bfcl-eval's loader writes folders into site-packages unless this is set.
 export BFCL_PROJECT_ROOT ?= $(CURDIR)/.bfcl_root
 NO_DEPS_PKGS := bfcl-eval==2026.3.23 google-jetstream==0.2.2
+# Compile-only accelerator targets (t3rl_jax/accel): the CUDA 13 plugin + cuDNN for H200 and libtpu for TPU
+# slices, without the CUDA runtime wheels a real GPU needs (those come with `pip install -e ".[cuda13]"`).
+ACCEL_PKGS := jax-cuda13-plugin==0.10.2 jax-cuda13-pjrt==0.10.2 nvidia-cudnn-cu13==9.28.1.4 libtpu==0.0.42.1
+# The CUDA plugin dies in its driver check unless the CPU is the platform (no GPU here); the TPU plugin
+# then stays compile-only too.
+export JAX_PLATFORMS ?= cpu
+export TPU_SKIP_MDS_QUERY ?= 1
 
 .PHONY: venv demo test test-fast bench clean
 
@@ -14,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps $(NO_DEPS_PKGS)
+	$(BIN)/pip install -q --no-deps $(ACCEL_PKGS)
 	mkdir -p $(BFCL_PROJECT_ROOT)
 	touch $(STAMP)
 
