@@ -52,6 +52,9 @@ def recipe() -> ml_collections.ConfigDict:
         param_dtype="float32",  # fp32 master weights; Adam at lr 1e-6 underflows in bf16
         remat="full",
         scan_layers=True,
+        # Training attention kernel (models/attention_backends.py): auto = cuDNN on CUDA, splash on TPU, the
+        # blockwise kernel on CPU and under context parallelism; or cudnn / splash / blockwise / xla by name.
+        attention="auto",
     )
     # 8 GPUs: FSDP across all of them; stage 2 trades some FSDP for context parallelism.
     c.mesh = dict(data=1, fsdp=-1, tensor=1, sequence=1, coordinator_address="", num_processes=1, process_id=0)

@@ -20,7 +20,8 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
     "dump_hlo": None,
     "compilation_cache_dir": None,
     "model": ("preset", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
-              "intermediate_size", "vocab_size", "dtype", "param_dtype", "remat", "scan_layers"),
+              "intermediate_size", "vocab_size", "dtype", "param_dtype", "remat", "scan_layers",
+              "attention"),
     "mesh": ("data", "fsdp", "tensor", "sequence", "coordinator_address", "num_processes", "process_id"),
     "data": ("train_file", "val_file", "splits_dir", "prompts_per_step", "shuffle", "max_entries", "categories"),
     "rollout": ("samples_per_prompt", "temperature", "top_p", "top_k", "max_concurrent_decodes",
@@ -45,6 +46,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots_saveable"),
+    # Mirrors t3rl_jax.models.attention_backends.BACKENDS.
+    "model.attention": ("auto", "cudnn", "splash", "blockwise", "xla"),
     "env.reward": ("progress", "binary", "format"),
     "algo.advantage": ("grpo", "mean_only"),
     "algo.kl_type": ("low_var_kl", "kl", "mse", "abs"),
@@ -139,6 +142,11 @@ def validate(cfg, *, known_presets: Sequence[str] | None = None) -> None:
     _require(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", "must be None or > 0", cfg)
     _require(m.num_heads % m.num_kv_heads == 0, "model.num_heads",
              f"must be a multiple of num_kv_heads={m.num_kv_heads}", cfg)
+    _require(m.attention != "cudnn" or m.dtype == "bfloat16", "model.attention",
+             f"'cudnn' needs model.dtype='bfloat16' (got {m.dtype!r})", cfg)
+    _require(m.attention not in ("cudnn", "splash") or cfg.mesh.sequence == 1, "model.attention",
+             f"{m.attention!r} does not support context parallelism (mesh.sequence={cfg.mesh.sequence}); use "
+             "'auto' or 'blockwise'", cfg)
 
     mesh = cfg.mesh
     axes = ("data", "fsdp", "tensor", "sequence")
