@@ -264,3 +264,26 @@ def test_v5p_auto_attention_is_splash():
     text = _compile_grad(ab.get_attention("auto", mesh=mesh), mesh).as_text()
     assert kernel_hlo.fused_attention_calls(text).get("tpu_custom_call", 0) >= 2  # forward and backward kernels
     assert kernel_hlo.conditionals_in_loops(text) == []
+
+
+@pytest.mark.slow
+def test_h200_cache_attention_decode_loop_has_no_conditional():
+    # The decode loop's attention (the engine's generate loop runs it once per step and layer).
+    mesh = _target_mesh("h200")
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    b, hq, hkv, d, s = 8, 32, 8, 128, 2048
+
+    def decode(q, k_cache, v_cache, mask):
+        def step(i, q):
+            return attention.cache_attention(q, k_cache, v_cache, mask).astype(q.dtype)
+
+        return jax.lax.fori_loop(0, 4, step, q)
+
+    args = (jax.ShapeDtypeStruct((b, 1, hq, d), jnp.bfloat16, sharding=rows),
+            jax.ShapeDtypeStruct((b, hkv, d, s), jnp.bfloat16, sharding=rows),
+            jax.ShapeDtypeStruct((b, hkv, s, d), jnp.bfloat16, sharding=rows),
+            jax.ShapeDtypeStruct((b, 1, s), jnp.bool_, sharding=rows))
+    text = jax.jit(decode).trace(*args).lower().compile().as_text()
+    assert "while" in text and kernel_hlo.conditionals_in_loops(text) == []

@@ -11,7 +11,9 @@ see every key it needs, both exact and both built on the blockwise (online-softm
 
 The mask depends only on positions and segment ids, so tokens may sit on devices in any order.
 Causal load balancing uses that: each sequence is cut into 2*CP chunks and device i holds chunks
-i and 2*CP-1-i, giving every device the same number of visible (query, key) pairs.
+i and 2*CP-1-i, giving every device the same number of visible (query, key) pairs. The kernel's tile schedule
+is static per device (and per ring hop), built from the original token indices of its chunks; the device picks
+its row by `axis_index`, so no step branches on the data.
 """
 
 from __future__ import annotations
