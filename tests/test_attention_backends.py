@@ -22,9 +22,10 @@ def test_auto_picks_the_platform_kernel():
     assert ab.resolve_backend("auto", "gpu") == "cudnn"
     assert ab.resolve_backend("auto", "tpu") == "splash"
     assert ab.resolve_backend("auto", "cpu") == "blockwise"
-    # Context parallelism runs its chunk pairs through the blockwise kernel on every platform.
-    assert ab.resolve_backend("auto", "cuda", cp=2) == "blockwise"
+    # Context parallelism: cuDNN against all-gathered K/V on CUDA; the blockwise kernel on a TPU.
+    assert ab.resolve_backend("auto", "cuda", cp=2) == "cudnn"
     assert ab.resolve_backend("auto", "tpu", cp=4) == "blockwise"
+    assert ab.resolve_backend("auto", "cpu", cp=4) == "blockwise"
     # cuDNN's flash kernels take 16-bit inputs; a float32 model stays on the blockwise kernel.
     assert ab.resolve_backend("auto", "cuda", dtype="float32") == "blockwise"
     assert ab.resolve_backend("auto", "cuda", dtype="bfloat16") == "cudnn"
@@ -256,6 +257,21 @@ def test_h200_auto_attention_is_cudnn_fused_without_loop_conditionals():
     assert kernel_hlo.conditionals_in_loops(text) == []
     text = _compile_grad(ab.get_attention("blockwise", mesh=mesh), mesh).as_text()
     assert "while" in text and kernel_hlo.conditionals_in_loops(text) == []
+
+
+@pytest.mark.slow
+def test_h200_context_parallel_attention_is_cudnn_fused():
+    from t3rl_jax.accel import targets
+
+    try:
+        mesh = targets.mesh_for("h200", {"data": 1, "fsdp": 2, "tensor": 1, "sequence": 4})
+    except targets.TargetError as e:
+        pytest.skip(str(e))
+    text = _compile_grad(ab.get_attention("auto", mesh=mesh), mesh, b=2).as_text()
+    calls = kernel_hlo.fused_attention_calls(text)  # the mask travels as cuDNN's bias
+    assert calls.get("__cudnn$fmhaScaleBiasSoftmax", 0) >= 1, calls
+    assert calls.get("__cudnn$fmhaScaleBiasSoftmaxBackward", 0) >= 1, calls
+    assert kernel_hlo.conditionals_in_loops(text) == []
 
 
 @pytest.mark.slow

@@ -7,14 +7,15 @@ Every backend returns a function with `attention.attend`'s signature
   causal sequence per segment (models/cudnn_attention.py).
 - `splash` (TPU): Pallas splash attention with segment ids and a causal mask (Mosaic `tpu_custom_call`s;
   models/splash_attention.py).
-- `blockwise` (CPU, and context parallelism everywhere): the online-softmax tile kernel of
-  models/chunked_attention.py, with context_parallel.py's all-gather or ring schedule over a `sequence` axis.
+- `blockwise` (CPU; context parallelism on TPU): the online-softmax tile kernel of models/chunked_attention.py,
+  with context_parallel.py's all-gather or ring schedule over a `sequence` axis.
 - `xla`: the reference `attention.attend` (materialises the scores; for tests and tiny models).
 
 `cudnn` and `splash` mask by token index within each segment, which equals the position rule of `attend` for
 packed rows (each segment contiguous, positions increasing along it: `rl/batching.py`). With a `sequence` mesh
-axis > 1 (context parallelism) they are not wired yet, so `auto` picks `blockwise` there and asking for them by
-name is an error.
+axis > 1 (context parallelism), `cudnn` runs each device's queries against the all-gathered K/V with an explicit
+mask (cuDNN's bias form, exact for the load-balanced order); splash is not wired for it yet, so `auto` picks
+`blockwise` on a TPU there and asking for `splash` by name is an error.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def resolve_backend(backend: str = "auto", platform: str | None = None, *, cp: i
     platform = normalize_platform(platform or jax.default_backend())
     half = dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     if backend == "auto":
-        if cp > 1 or (platform == "cuda" and not half):  # cuDNN's flash kernels take 16-bit inputs only
+        if platform == "cuda" and not half:  # cuDNN's flash kernels take 16-bit inputs only
+            return "blockwise"
+        if cp > 1 and platform == "tpu":
             return "blockwise"
         return _AUTO[platform]
     if backend == "cudnn" and not half:
@@ -62,7 +65,7 @@ def resolve_backend(backend: str = "auto", platform: str | None = None, *, cp: i
     if backend in _NEEDS and platform != _NEEDS[backend]:
         raise ValueError(f"model.attention={backend!r} needs a {_NEEDS[backend]} platform, but the mesh is on "
                          f"{platform}; use 'auto', 'blockwise' or 'xla'")
-    if cp > 1 and backend != "blockwise":
+    if cp > 1 and backend == "splash":
         raise ValueError(f"model.attention={backend!r} does not support context parallelism (mesh.sequence={cp}); "
                          "use 'auto' or 'blockwise'")
     return backend
@@ -96,6 +99,10 @@ def get_attention(backend: str = "auto", *, platform: str | None = None, mesh=No
         from t3rl_jax.models.chunked_attention import flash_attention
 
         return functools.partial(flash_attention, block_size=block_size)
+    if name == "cudnn" and cp > 1:
+        from t3rl_jax.models.context_parallel import make_context_parallel_attention
+
+        return make_context_parallel_attention(mesh, rules, local_kernel="cudnn")
     if name == "cudnn":
         from t3rl_jax.models import cudnn_attention
 

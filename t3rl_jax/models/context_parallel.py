@@ -25,9 +25,10 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from t3rl_jax import sharding as sh
-from t3rl_jax.models import chunked_attention as ca
+from t3rl_jax.models import attention, chunked_attention as ca
 
 STRATEGIES = ("all_gather", "ring")
+LOCAL_KERNELS = ("blockwise", "cudnn", "xla")
 
 
 # ----------------------------------------------------------------------------- load balancing
@@ -178,18 +179,41 @@ def _ring_attention(axis: str, cp: int, block_size: int):
     return _with_vjp(forward, bwd)
 
 
+def _gathered_masked_attention(axis: str, implementation: str):
+    """Per-device attention with K/V all-gathered over `axis` through `jax.nn.dot_product_attention` with an
+    explicit [B, 1, T/CP, T] mask from positions and segment ids (runs inside shard_map). With
+    implementation="cudnn" that is cuDNN's fused kernel with the mask as a bias: exact for any token order, at the
+    cost of the mask in memory and of the tiles a causal kernel would skip."""
+    gather = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)
+
+    def attend_local(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+        kv_pos, kv_seg = gather(kv_pos), gather(kv_seg)
+        mask = attention.attention_mask(q_pos, kv_pos, q_seg, kv_seg)[:, None]
+        out = jax.nn.dot_product_attention(q, gather(k), gather(v), mask=mask, implementation=implementation)
+        # Rows that see nothing (padding) come out as a uniform average; attend gives them zeros.
+        return jax.numpy.where(mask.any(axis=-1)[:, 0, :, None, None], out, 0).astype(q.dtype)
+
+    return attend_local
+
+
 # ----------------------------------------------------------------------------- factory
 
 
 def make_context_parallel_attention(mesh: Mesh, rules=sh.LOGICAL_AXIS_RULES, *, strategy: str = "all_gather",
-                                    block_size: int = 512):
+                                    block_size: int = 512, local_kernel: str = "blockwise"):
     """An attention function with `attention.attend`'s signature for activations laid out by `rules`.
 
     Queries, keys and values are sharded [batch, length, (kv_)heads, head_dim]; with a `sequence`
     axis of size 1 this is just the blockwise kernel under batch / tensor sharding.
+    `local_kernel`: "blockwise" (either strategy), or "cudnn" / "xla" (all-gather only): each device's queries
+    against the gathered K/V through `jax.nn.dot_product_attention` with an explicit mask.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown context-parallel strategy {strategy!r}; expected one of {STRATEGIES}")
+    if local_kernel not in LOCAL_KERNELS:
+        raise ValueError(f"unknown context-parallel local kernel {local_kernel!r}; expected one of {LOCAL_KERNELS}")
+    if local_kernel != "blockwise" and strategy != "all_gather":
+        raise ValueError(f"local kernel {local_kernel!r} runs with strategy 'all_gather' only, got {strategy!r}")
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
     q_spec = sh.logical_to_spec(("batch", "length", "heads", "head_dim"), rules, mesh=mesh)
@@ -205,6 +229,8 @@ def make_context_parallel_attention(mesh: Mesh, rules=sh.LOGICAL_AXIS_RULES, *, 
         if cp == 1:
             return ca.flash_attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos, q_segment_ids=q_seg,
                                       kv_segment_ids=kv_seg, block_size=bs)
+        if local_kernel != "blockwise":
+            return _gathered_masked_attention(seq_axes, local_kernel)(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
         if strategy == "ring":
             return _ring_attention(seq_axes, cp, min(bs, k.shape[1]))(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
         return _gathered_attention(seq_axes, cp, bs)(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
