@@ -144,9 +144,6 @@ def validate(cfg, *, known_presets: Sequence[str] | None = None) -> None:
              f"must be a multiple of num_kv_heads={m.num_kv_heads}", cfg)
     _require(m.attention != "cudnn" or m.dtype == "bfloat16", "model.attention",
              f"'cudnn' needs model.dtype='bfloat16' (got {m.dtype!r})", cfg)
-    _require(m.attention != "splash" or cfg.mesh.sequence == 1, "model.attention",
-             f"{m.attention!r} does not support context parallelism (mesh.sequence={cfg.mesh.sequence}); use "
-             "'auto' or 'blockwise'", cfg)
 
     mesh = cfg.mesh
     axes = ("data", "fsdp", "tensor", "sequence")

@@ -22,9 +22,9 @@ def test_auto_picks_the_platform_kernel():
     assert ab.resolve_backend("auto", "gpu") == "cudnn"
     assert ab.resolve_backend("auto", "tpu") == "splash"
     assert ab.resolve_backend("auto", "cpu") == "blockwise"
-    # Context parallelism: cuDNN against all-gathered K/V on CUDA; the blockwise kernel on a TPU.
+    # Context parallelism keeps the platform's kernel (against all-gathered K/V).
     assert ab.resolve_backend("auto", "cuda", cp=2) == "cudnn"
-    assert ab.resolve_backend("auto", "tpu", cp=4) == "blockwise"
+    assert ab.resolve_backend("auto", "tpu", cp=4) == "splash"
     assert ab.resolve_backend("auto", "cpu", cp=4) == "blockwise"
     # cuDNN's flash kernels take 16-bit inputs; a float32 model stays on the blockwise kernel.
     assert ab.resolve_backend("auto", "cuda", dtype="float32") == "blockwise"
@@ -38,9 +38,6 @@ def test_bad_choices_name_the_key_and_numbers():
         ab.resolve_backend("flash", "cpu")
     with pytest.raises(ValueError, match=r"model.attention='cudnn' needs a cuda platform, but the mesh is on cpu"):
         ab.resolve_backend("cudnn", "cpu")
-    with pytest.raises(ValueError, match=r"model.attention='splash' does not support context parallelism "
-                                         r"\(mesh.sequence=2\)"):
-        ab.resolve_backend("splash", "tpu", cp=2)
     with pytest.raises(ValueError, match=r"needs bfloat16 or float16 activations, got model.dtype=float32"):
         ab.resolve_backend("cudnn", "cuda", dtype="float32")
     with pytest.raises(ValueError, match=r"unknown platform 'rocm'"):
@@ -152,6 +149,30 @@ def _value_and_grads(fn, q, k, v, pos, seg, w):
 
     (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
     return [np.asarray(x) for x in (out, *grads)]
+
+
+@pytest.mark.slow
+def test_splash_context_parallel_matches_reference_values_and_grads():
+    # Load-balanced token order over sequence=4 (tensor=2); K/V all-gathered, mask causal in the original order.
+    q, k, v, pos, seg = _packed_rows(b=2, t=512)
+    w = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
+    mesh = sh.make_mesh(dict(data=1, fsdp=1, tensor=2, sequence=4))
+    fn = ab.get_attention("auto", platform="tpu", mesh=mesh, interpret=True)
+    lb, back = (lambda x: cp.to_load_balanced(x, 4)), (lambda x: cp.from_load_balanced(x, 4))
+    want = _value_and_grads(attention.attend, q, k, v, pos, seg, w)
+    got = _value_and_grads(fn, lb(q), lb(k), lb(v), lb(pos), lb(seg), lb(w))
+    for g, r in zip(got, want):
+        g = back(g)
+        assert np.abs(g - r).max() <= 1e-4 * np.abs(r).max()
+
+
+def test_load_balanced_original_index_inverts_the_cp_order():
+    from t3rl_jax.models import splash_attention
+
+    for size in (2, 4):
+        slots = np.arange(64)
+        np.testing.assert_array_equal(splash_attention.original_index(slots, 64 // (2 * size), size),
+                                      cp.load_balance_order(64, size))
 
 
 @pytest.mark.slow
@@ -275,9 +296,17 @@ def test_h200_context_parallel_attention_is_cudnn_fused():
 
 
 @pytest.mark.slow
-def test_v5p_auto_attention_is_splash():
-    mesh = _target_mesh("v5p")
-    text = _compile_grad(ab.get_attention("auto", mesh=mesh), mesh).as_text()
+@pytest.mark.parametrize("axes", [dict(data=1, fsdp=8, tensor=1, sequence=1), dict(data=1, fsdp=2, tensor=1,
+                                                                                    sequence=4)],
+                         ids=["fsdp8", "cp4"])
+def test_v5p_auto_attention_is_splash(axes):
+    from t3rl_jax.accel import targets
+
+    try:
+        mesh = targets.mesh_for("v5p", axes)
+    except targets.TargetError as e:
+        pytest.skip(str(e))
+    text = _compile_grad(ab.get_attention("auto", mesh=mesh), mesh, b=8 // axes["sequence"]).as_text()
     assert kernel_hlo.fused_attention_calls(text).get("tpu_custom_call", 0) >= 2  # forward and backward kernels
     assert kernel_hlo.conditionals_in_loops(text) == []
 

@@ -7,15 +7,15 @@ Every backend returns a function with `attention.attend`'s signature
   causal sequence per segment (models/cudnn_attention.py).
 - `splash` (TPU): Pallas splash attention with segment ids and a causal mask (Mosaic `tpu_custom_call`s;
   models/splash_attention.py).
-- `blockwise` (CPU; context parallelism on TPU): the online-softmax tile kernel of models/chunked_attention.py,
-  with context_parallel.py's all-gather or ring schedule over a `sequence` axis.
+- `blockwise` (CPU): the online-softmax tile kernel of models/chunked_attention.py, with context_parallel.py's
+  all-gather or ring schedule over a `sequence` axis.
 - `xla`: the reference `attention.attend` (materialises the scores; for tests and tiny models).
 
 `cudnn` and `splash` mask by token index within each segment, which equals the position rule of `attend` for
 packed rows (each segment contiguous, positions increasing along it: `rl/batching.py`). With a `sequence` mesh
 axis > 1 (context parallelism), `cudnn` runs each device's queries against the all-gathered K/V with an explicit
-mask (cuDNN's bias form, exact for the load-balanced order); splash is not wired for it yet, so `auto` picks
-`blockwise` on a TPU there and asking for `splash` by name is an error.
+mask (cuDNN's bias form, exact for the load-balanced order), and `splash` runs them against the all-gathered K/V
+with a mask that is causal in the original order of the load-balanced chunks.
 """
 
 from __future__ import annotations
@@ -57,17 +57,12 @@ def resolve_backend(backend: str = "auto", platform: str | None = None, *, cp: i
     if backend == "auto":
         if platform == "cuda" and not half:  # cuDNN's flash kernels take 16-bit inputs only
             return "blockwise"
-        if cp > 1 and platform == "tpu":
-            return "blockwise"
         return _AUTO[platform]
     if backend == "cudnn" and not half:
         raise ValueError(f"model.attention='cudnn' needs bfloat16 or float16 activations, got model.dtype={dtype}")
     if backend in _NEEDS and platform != _NEEDS[backend]:
         raise ValueError(f"model.attention={backend!r} needs a {_NEEDS[backend]} platform, but the mesh is on "
                          f"{platform}; use 'auto', 'blockwise' or 'xla'")
-    if cp > 1 and backend == "splash":
-        raise ValueError(f"model.attention={backend!r} does not support context parallelism (mesh.sequence={cp}); "
-                         "use 'auto' or 'blockwise'")
     return backend
 
 
@@ -110,6 +105,8 @@ def get_attention(backend: str = "auto", *, platform: str | None = None, mesh=No
         return per_device(functools.partial(cudnn_attention.attend, **kwargs), mesh, rules)
     from t3rl_jax.models import splash_attention
 
+    if cp > 1:
+        return splash_attention.make_context_parallel_attention(mesh, rules, interpret=interpret)
     return per_device(functools.partial(splash_attention.attend, interpret=interpret), mesh, rules)
 
 
