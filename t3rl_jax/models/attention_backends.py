@@ -97,7 +97,7 @@ def get_attention(backend: str = "auto", *, platform: str | None = None, mesh=No
     if name == "cudnn" and cp > 1:
         from t3rl_jax.models.context_parallel import make_context_parallel_attention
 
-        return make_context_parallel_attention(mesh, rules, local_kernel="cudnn")
+        return make_context_parallel_attention(mesh, rules, strategy=cp_strategy, local_kernel="cudnn")
     if name == "cudnn":
         from t3rl_jax.models import cudnn_attention
 
