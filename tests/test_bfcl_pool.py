@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from environments.bfcl import catalog
+from environments.bfcl import catalog, prompts
 from environments.bfcl.episode import Episode
 from environments.bfcl.pool import EnvPool, EnvRequestError, EpisodeFailed, PoolFullError
 
@@ -34,12 +34,12 @@ def test_in_process_pool_has_the_same_interface():
         entry = catalog.load_entry("multi_turn_miss_func_0")
         remote = pool.open(entry.id)
         start = remote.started.result(0)
-        assert start.num_turns == entry.num_turns and start.first_messages == entry.turn_messages(0)
-        assert start.tools == catalog.tool_schemas_at(entry, 0)
+        assert start.num_turns == entry.num_turns and start.first_messages == prompts.first_messages(entry, "t3rl")
+        assert start.tools == prompts.tools(entry, "t3rl")
         outputs, result = _replay(remote, entry, wait=0)
         assert outputs == _local_outputs(entry) and result.progress == 1.0 and not result.failed
         assert pool.open_episodes == 0
-        with pytest.raises(EnvRequestError, match="no open episode"):
+        with pytest.raises(EnvRequestError, match="is not open"):
             remote.step([{"name": "ls", "arguments": {}}]).result(0)
 
 
@@ -48,7 +48,8 @@ def test_worker_results_equal_in_process_results_and_overlap():
     ids = [i for i in ids if catalog.load_entry(i).ground_truth[0]]
     with EnvPool(2, step_timeout_s=WAIT) as pool:
         remotes = [pool.open(i) for i in ids]
-        assert abs(len(pool._workers[0].episodes) - len(pool._workers[1].episodes)) <= 1
+        held = pool.episodes_per_worker()
+        assert sum(held) == len(ids) and max(held) - min(held) <= 1
         # Submit the first step of every episode before waiting on any of them.
         firsts = [r.step(list(catalog.load_entry(r.entry_id).ground_truth[0])) for r in remotes]
         for remote, first in zip(remotes, firsts):
