@@ -104,8 +104,8 @@ class Episode:
             self._results.append(outcome.result)
             # Held-back miss_func tools run as in bfcl-eval (its own ground truth sometimes calls one early),
             # so any tool of the entry's classes counts as known here.
-            if outcome.kind not in (UNKNOWN_TOOL, BAD_ARGUMENTS, BAD_CALL):
-                well_formed += 1
+            if outcome.kind not in (UNKNOWN_TOOL, BAD_ARGUMENTS, BAD_CALL) and outcome.problem is None:
+                well_formed += 1  # ill-typed calls run (as in bfcl-eval) but are not well-formed
             text = outcome.result
             if self.augment:
                 hint = hints.hint_for(outcome, visible)

@@ -143,6 +143,12 @@ class EnvPool:
     def worker_pids(self) -> list[int]:
         return self._supervisor.pids() if self._supervisor is not None else []
 
+    def worker_pid_of(self, episode: "RemoteEpisode") -> int | None:
+        """Process id of the worker holding `episode` (None in-process, or once it is finished or failed)."""
+        with self._lock:
+            worker = self._router.worker_of(episode.key)
+            return worker.pid if isinstance(worker, Worker) else None
+
     def episodes_per_worker(self) -> list[int]:
         """Open episodes held by each worker slot, in slot order."""
         with self._lock:
@@ -191,7 +197,7 @@ class EnvPool:
             future = self._supervisor.submit(worker, op, key, args, entry_id)
             if op == "finish":
                 self._supervisor.recycle_if_due(worker, idle)
-        return self._finished(entry_id, future) if op == "finish" else future
+        return self._finished(key, entry_id, future) if op == "finish" else future
 
     def _run_local(self, op: str, key: int, args: tuple) -> Future:
         try:
@@ -199,18 +205,22 @@ class EnvPool:
         except Exception as e:
             return _completed(error=EnvRequestError(f"{type(e).__name__}: {e}"))
 
-    @staticmethod
-    def _finished(entry_id: str, future: Future) -> Future:
+    def _finished(self, key: int, entry_id: str, future: Future) -> Future:
         """finish() always yields an EpisodeResult: a lost worker or a refused finish gives a failed one."""
         outer: Future = Future()
 
         def done(inner: Future) -> None:
             try:
                 outer.set_result(inner.result())
+                return
             except EpisodeFailed as e:
-                outer.set_result(_failed_result(entry_id, e.reason))
+                reason = e.reason
             except Exception as e:
-                outer.set_result(_failed_result(entry_id, f"finish failed: {type(e).__name__}: {e}"))
+                reason = f"finish failed: {type(e).__name__}: {e}"
+            with self._lock:
+                # An open that failed while this finish was on its way: its reason is the one that matters.
+                earlier = self._router.forget_failure(key)
+            outer.set_result(_failed_result(entry_id, earlier[1] if earlier else reason))
 
         future.add_done_callback(done)
         return outer
