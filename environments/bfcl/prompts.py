@@ -95,7 +95,9 @@ def _convert_to_tool():
     return namespace["convert_to_tool"]
 
 
-@functools.lru_cache(maxsize=1024)
+# Bounded caches (an entry's docs are ~25-50 KB of JSON; 32 workers each hold their own): a step's 16 samples of
+# an entry hit them, an epoch's few hundred entries mostly do.
+@functools.lru_cache(maxsize=256)
 def _bfcl_functions(entry_id: str) -> tuple[str, str, str]:
     """bfcl-eval's loader applied to one entry: (function docs without the language note, the same with it,
     revealed docs by turn), each as JSON."""
@@ -110,7 +112,7 @@ def _bfcl_functions(entry_id: str) -> tuple[str, str, str]:
     return plain, json.dumps(test_entry["function"]), json.dumps(test_entry.get("missed_function", {}))
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=512)
 def _tools_json(entry_id: str, style: str) -> str:
     plain, with_note, _ = _bfcl_functions(entry_id)
     if style == "bfcl":

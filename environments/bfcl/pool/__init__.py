@@ -46,7 +46,12 @@ def __getattr__(name: str):
 
 
 def _completed(value: Any = None, error: BaseException | None = None) -> Future:
-    return Supervisor.completed(value, error)
+    future: Future = Future()
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+    return future
 
 
 def _failed_result(entry_id: str, reason: str):

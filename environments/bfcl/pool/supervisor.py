@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from environments.bfcl.pool.errors import EnvRequestError, EnvStartupError, EpisodeFailed
 from environments.bfcl.pool.transport import WorkerProcess
@@ -66,8 +66,9 @@ class Supervisor:
         self._request_ids = itertools.count()
         self._generations = itertools.count()
         self.restarts = 0
-        self.startup_failures = 0
+        self.startup_failures = 0  # over the pool's life: a run's pool restarts workers rarely
         self.startup_error: str | None = None
+        self._startup_trace = ""  # the latest traceback a failing worker sent
         self.closed = False
         self.workers: list[Worker] = []
         with self._lock:
@@ -139,8 +140,9 @@ class Supervisor:
                         late.append((worker, head))
             for worker, head in late:
                 worker.killed_by_supervisor = True
-                self.lose(worker, f"{head.op} of episode {head.key} exceeded {head.timeout_s:g}s; worker killed",
-                          kill=True)
+                what = "warmup" if head.op == "warmup" else f"{head.op} of episode {head.key}"
+                self.lose(worker, f"{what} exceeded {head.timeout_s:g}s; worker killed", kill=True,
+                          count_as_startup=head.op == "warmup")
 
     def _on_process_lost(self, worker: Worker, reason: str, startup: tuple[str, str] | None) -> None:
         self.lose(worker, reason, trace=startup[1] if startup else "")
@@ -162,8 +164,9 @@ class Supervisor:
             startup = count_as_startup or (not worker.replied and not worker.killed_by_supervisor)
             if was_alive and startup and not self.closed:
                 self.startup_failures += 1
+                self._startup_trace = trace or self._startup_trace
                 if self.startup_failures >= MAX_STARTUP_FAILURES and self.startup_error is None:
-                    self.startup_error = self._startup_message(worker, reason, trace)
+                    self.startup_error = self._startup_message(worker, reason, self._startup_trace)
                 replace = replace and self.startup_error is None
             if replace:
                 self.restarts += 1
@@ -255,15 +258,3 @@ class Supervisor:
     def pids(self) -> list[int | None]:
         with self._lock:
             return [w.pid for w in self.workers]
-
-    def describe(self, worker: Worker) -> str:
-        return f"slot {worker.slot}, pid {worker.pid}"
-
-    @staticmethod
-    def completed(value: Any = None, error: BaseException | None = None) -> Future:
-        future: Future = Future()
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(value)
-        return future
