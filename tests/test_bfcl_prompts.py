@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import json
 
@@ -17,6 +18,8 @@ from bfcl_eval.constants.default_prompts import (
     DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_FC,
     DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_PROMPTING,
 )
+from bfcl_eval.constants.enums import ModelStyle
+from bfcl_eval.constants.type_mappings import GORILLA_TO_OPENAPI
 from bfcl_eval.utils import load_dataset_entry
 
 # One entry per category, plus miss_func entries with reveal turns at different places.
@@ -24,10 +27,36 @@ ENTRIES = ["multi_turn_base_0", "multi_turn_miss_func_0", "multi_turn_miss_func_
            "multi_turn_long_context_120"]
 
 
-def _bfcl_loader_entry(entry_id: str) -> dict:
-    """The entry as bfcl-eval's generation pipeline loads it (the whole category, language notes on)."""
-    category = catalog.load_entry(entry_id).category
-    return next(e for e in load_dataset_entry(f"multi_turn_{category}", include_prereq=False) if e["id"] == entry_id)
+@functools.lru_cache(maxsize=None)
+def _bfcl_loader(category: str, note: bool) -> dict[str, dict]:
+    """Entries as bfcl-eval's generation pipeline loads them (the whole category; with or without its notes)."""
+    entries = load_dataset_entry(f"multi_turn_{category}", include_prereq=False, include_language_specific_hint=note)
+    return {e["id"]: e for e in entries}
+
+
+def _bfcl_loader_entry(entry_id: str, note: bool = True) -> dict:
+    return _bfcl_loader(catalog.load_entry(entry_id).category, note)[entry_id]
+
+
+@functools.lru_cache(maxsize=1)
+def _convert_to_tool():
+    return prompts._convert_to_tool()
+
+
+@pytest.mark.slow
+def test_every_entrys_docs_are_bfcl_evals_own():
+    converted = 0
+    for entry_id in catalog.all_entry_ids():
+        entry, theirs = catalog.load_entry(entry_id), _bfcl_loader_entry(entry_id)
+        assert prompts.tools_json(entry, "bfcl") == json.dumps(theirs["function"]), entry_id
+        for turn, docs in theirs.get("missed_function", {}).items():
+            assert prompts.raw_revealed_docs(entry, int(turn)) == docs, (entry_id, turn)
+        if entry.index % 4 == 0:  # convert_to_tool deep-copies every doc: a quarter of the entries suffices
+            plain = _bfcl_loader_entry(entry_id, note=False)["function"]
+            expected = _convert_to_tool()(plain, GORILLA_TO_OPENAPI, ModelStyle.OPENAI_COMPLETIONS)
+            assert prompts.tools(entry, "t3rl") == expected, entry_id
+            converted += 1
+    assert converted == 200
 
 
 def _qwen_fc_format_prompt():

@@ -95,35 +95,44 @@ def _convert_to_tool():
     return namespace["convert_to_tool"]
 
 
-# Bounded caches (an entry's docs are ~25-50 KB of JSON; 32 workers each hold their own): a step's 16 samples of
-# an entry hit them, an epoch's few hundred entries mostly do.
-@functools.lru_cache(maxsize=256)
-def _bfcl_functions(entry_id: str) -> tuple[str, str, str]:
-    """bfcl-eval's loader applied to one entry: (function docs without the language note, the same with it,
-    revealed docs by turn), each as JSON."""
-    entry = catalog.load_entry(entry_id)
-    test_entry = {"id": entry.id, "involved_classes": list(entry.involved_classes),
-                  "missed_function": {str(t): list(names) for t, names in entry.missed_function.items()}}
-    if not entry.missed_function:
-        del test_entry["missed_function"]
+@functools.lru_cache(maxsize=None)
+def _class_docs(class_name: str) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """bfcl-eval's loader on an entry of this one class, per tool name as JSON: the raw doc, the doc with the
+    loader's language note (what the bfcl style shows) and `convert_to_tool`'s form of the raw doc (t3rl).
+
+    An entry's docs are its classes' docs in order minus the held-back ones, and both the note and the conversion
+    treat each doc on its own, so entries are assembled from these (tests check every entry against bfcl-eval's
+    full loader). Building them per entry cost ~10 ms an episode."""
+    # Any multi-turn id: the loader picks the note by category and every multi-turn category gets Python's.
+    test_entry = {"id": "multi_turn_base_0", "involved_classes": [class_name]}
     populate_test_cases_with_predefined_functions([test_entry])
-    plain = json.dumps(test_entry["function"])
+    plain = copy.deepcopy(test_entry["function"])
     add_language_specific_hint_to_function_doc([test_entry])
-    return plain, json.dumps(test_entry["function"]), json.dumps(test_entry.get("missed_function", {}))
+    converted = _convert_to_tool()(plain, GORILLA_TO_OPENAPI, ModelStyle.OPENAI_COMPLETIONS)
+    return ({d["name"]: json.dumps(d) for d in plain},
+            {d["name"]: json.dumps(d) for d in test_entry["function"]},
+            {t["function"]["name"]: json.dumps(t) for t in converted})
 
 
-@functools.lru_cache(maxsize=512)
-def _tools_json(entry_id: str, style: str) -> str:
-    plain, with_note, _ = _bfcl_functions(entry_id)
-    if style == "bfcl":
-        return with_note
-    return json.dumps(_convert_to_tool()(json.loads(plain), GORILLA_TO_OPENAPI, ModelStyle.OPENAI_COMPLETIONS))
+_RAW, _WITH_NOTE, _CONVERTED = 0, 1, 2
+
+
+def preload() -> None:
+    """Build every class's docs now (a worker's warmup), so that no episode pays for it."""
+    for class_name in catalog.CLASS_NAMES:
+        _class_docs(class_name)
+
+
+def _docs_json(names, form: int) -> str:
+    # json.dumps of a list joins its items with ", ": the same text as dumping the list of docs.
+    return "[" + ", ".join(_class_docs(catalog.tool_doc(n)[0])[form][n] for n in names) + "]"
 
 
 # ---- what an episode shows ---------------------------------------------------------------------------------------
 def tools_json(entry: catalog.Entry, style: str) -> str:
     """The tool docs of the whole episode in `style`, as JSON (cheap to send across a pipe)."""
-    return _tools_json(entry.id, check_style(style))
+    form = _WITH_NOTE if check_style(style) == "bfcl" else _CONVERTED
+    return _docs_json(entry.tool_names_at(0), form)
 
 
 def tools(entry: catalog.Entry, style: str) -> list[dict]:
@@ -143,15 +152,13 @@ def first_messages(entry: catalog.Entry, style: str) -> list[dict]:
 
 def raw_revealed_docs(entry: catalog.Entry, turn: int) -> list[dict]:
     """bfcl-eval's raw docs of the tools held back until `turn` ([] on other turns)."""
-    return json.loads(_bfcl_functions(entry.id)[2]).get(str(turn), [])
+    return json.loads(_docs_json(entry.missed_function.get(turn, ()), _RAW))
 
 
 def revealed_tools(entry: catalog.Entry, turn: int, style: str) -> list[dict]:
     """The tools revealed at `turn`, in the form of the style's tool docs ([] on other turns)."""
-    docs = raw_revealed_docs(entry, turn)
-    if not docs or check_style(style) == "bfcl":
-        return docs
-    return _convert_to_tool()(docs, GORILLA_TO_OPENAPI, ModelStyle.OPENAI_COMPLETIONS)
+    form = _RAW if check_style(style) == "bfcl" else _CONVERTED
+    return json.loads(_docs_json(entry.missed_function.get(turn, ()), form))
 
 
 def turn_messages(entry: catalog.Entry, turn: int, style: str) -> list[dict]:

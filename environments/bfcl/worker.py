@@ -58,8 +58,8 @@ class EpisodeTable:
             self.episodes[key] = episode
             return EpisodeStart(episode.entry_id, episode.num_turns, episode.tools_json, episode.first_messages)
         if op == "warmup":
-            # Everything an episode needs once per process: the catalog, and bfcl-eval's doc conversion.
-            prompts.tools_json(catalog.load_entry(catalog.all_entry_ids()[0]), prompts.DEFAULT_STYLE)
+            # Everything an episode needs once per process: the catalog, and every style's tool docs.
+            prompts.preload()
             return len(catalog.all_entry_ids())
         episode = self.episodes.get(key)
         if episode is None:
