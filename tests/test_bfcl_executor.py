@@ -109,3 +109,9 @@ def test_errors_raised_while_stringifying_become_error_results():
     env = ToolEnvironment(["MathAPI"], {}, False)
     outcome = env.execute({"name": "power", "arguments": {"base": 7, "exponent": 100_000}})
     assert outcome.kind == EXCEPTION and outcome.result.startswith("Error during execution: Exceeds the limit")
+
+
+def test_extra_keys_in_a_call_object_are_ignored_as_bfcl_eval_does():
+    env = ToolEnvironment(["MathAPI"], {}, False)
+    outcome = env.execute({"name": "add", "arguments": {"a": 1, "b": 2}, "id": "call_0", "type": "function"})
+    assert outcome.kind == OK and outcome.result == '{"result": 3}'

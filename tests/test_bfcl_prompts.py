@@ -157,3 +157,12 @@ def test_unknown_style_names_the_key_and_the_known_styles():
     with pytest.raises(ValueError, match=r"prompt\.style.*'plain'.*\['t3rl', 'bfcl'\]"):
         Episode("multi_turn_base_0", prompt_style="plain")
     assert config_checks.CHOICES["prompt.style"] == prompts.STYLES
+
+
+def test_config_refuses_an_unknown_prompt_style():
+    from t3rl_jax.config import load_config
+
+    assert load_config("tiny").prompt.style == "t3rl"
+    assert load_config("tiny", ["prompt.style=bfcl"]).prompt.style == "bfcl"
+    with pytest.raises(config_checks.ConfigError, match=r"^prompt\.style: must be one of \('t3rl', 'bfcl'\)"):
+        load_config("tiny", ["prompt.style=plain"])
