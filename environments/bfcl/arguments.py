@@ -119,14 +119,16 @@ def _value_problem(value: Any, schema: dict, path: str) -> ArgumentProblem | Non
 
 
 def check_arguments(arguments: Any, parameters: dict) -> ArgumentProblem | None:
-    """First problem of `arguments` against the `parameters` object schema of a tool, or None if valid.
-
-    Optional parameters may be null (the method then sees None, as with a Python default of None)."""
+    """First problem of `arguments` (size limits, then the `parameters` object schema of a tool), or None."""
     if not isinstance(arguments, dict):
         return ArgumentProblem("type", "", f"arguments must be an object, got {_type_name(arguments)}", "object")
-    problem = size_problem(arguments)
-    if problem:
-        return problem
+    return size_problem(arguments) or schema_problem(arguments, parameters)
+
+
+def schema_problem(arguments: dict, parameters: dict) -> ArgumentProblem | None:
+    """First problem of `arguments` (within the size limits) against the `parameters` object schema, or None.
+
+    Optional parameters may be null (the method then sees None, as with a Python default of None)."""
     properties = parameters.get("properties", {})
     required = parameters.get("required", [])
     for name in arguments:

@@ -28,7 +28,7 @@ from typing import Any
 import mpmath
 
 from environments.bfcl import catalog
-from environments.bfcl.arguments import ArgumentProblem, check_arguments, size_problem
+from environments.bfcl.arguments import ArgumentProblem, schema_problem, size_problem
 from environments.bfcl.calls import Call, CallSyntaxError, to_call
 
 from bfcl_eval.constants.executable_backend_config import (  # noqa: E402  (catalog set BFCL_PROJECT_ROOT)
@@ -202,7 +202,7 @@ class ToolEnvironment:
                 arguments = dict(tool.signature.bind(*call.positional, **call.arguments).arguments)
             except TypeError as e:
                 return ArgumentProblem("unexpected", "", f"{call.name}(): {e}")
-        return check_arguments(arguments, tool.parameters)
+        return schema_problem(arguments, tool.parameters)  # sizes were checked before
 
     def _run(self, call: Call, tool: _Tool, problem: ArgumentProblem | None) -> CallOutcome:
         name = call.name
