@@ -154,6 +154,8 @@ class Supervisor:
         with self._lock:
             if not worker.alive and not kill:
                 return
+            if self.closed:  # a worker told to stop may exit before shutdown() gets to it: one reason for all
+                reason = "pool shut down"
             was_alive = worker.alive
             worker.alive = False
             worker.lost_reason = worker.lost_reason or reason
