@@ -86,6 +86,10 @@ def recipe() -> ml_collections.ConfigDict:
     )
     # Assumption: T3RL keeps the paper's augmented feedback on (its stages mirror the paper's 2-3).
     c.env = dict(augment=True, num_workers=32, step_timeout_s=10.0, reward="progress")
+    # What episodes show the model (environments/bfcl/prompts.py): "t3rl" = T3RL's system prompt, its tool docs
+    # (bfcl-eval's convert_to_tool: response schemas, float notes) and reveal message; "bfcl" = bfcl-eval's own
+    # Qwen FC protocol (no system prompt, its loader's docs), the leaderboard's, for evaluation.
+    c.prompt = dict(style="t3rl")
     c.algo = dict(
         advantage="grpo",
         adv_eps=1e-6,

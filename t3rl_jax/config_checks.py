@@ -28,6 +28,7 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
                 "max_prefill_length", "max_response_tokens", "max_context_tokens", "max_steps_per_turn",
                 "max_model_calls", "prefill_tokens_per_call"),
     "env": ("augment", "num_workers", "step_timeout_s", "reward"),
+    "prompt": ("style",),
     "algo": ("advantage", "adv_eps", "clip_low", "clip_high", "dual_clip", "kl_coef", "kl_type", "entropy_coef",
              "loss_agg", "filter_zero_variance", "refill_groups", "old_logprobs", "tis_cap"),
     "train": ("num_steps", "lr", "lr_schedule", "warmup_steps", "b1", "b2", "weight_decay", "grad_clip",
@@ -49,6 +50,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     # Mirrors t3rl_jax.models.attention_backends.BACKENDS.
     "model.attention": ("auto", "cudnn", "splash", "blockwise", "xla"),
     "env.reward": ("progress", "binary", "format"),
+    "prompt.style": ("t3rl", "bfcl"),  # environments.bfcl.prompts.STYLES (tests/test_bfcl_prompts.py checks)
     "algo.advantage": ("grpo", "mean_only"),
     "algo.kl_type": ("low_var_kl", "kl", "mse", "abs"),
     "algo.loss_agg": ("token_mean", "seq_mean_token_mean"),
