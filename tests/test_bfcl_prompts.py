@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ast
 import functools
-import importlib.util
 import json
 
 import pytest
@@ -60,16 +58,10 @@ def test_every_entrys_docs_are_bfcl_evals_own():
 
 
 def _qwen_fc_format_prompt():
-    """bfcl-eval's `QwenFCHandler._format_prompt`, compiled from its source (its module imports the vLLM/OpenAI
-    client stack, which is not installed); it uses nothing but `json`."""
-    spec = importlib.util.find_spec("bfcl_eval.model_handler.local_inference.qwen_fc")
-    tree = ast.parse(open(spec.origin, encoding="utf-8").read())
-    handler = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "QwenFCHandler")
-    method = next(n for n in handler.body if isinstance(n, ast.FunctionDef) and n.name == "_format_prompt")
-    method.decorator_list = []
-    namespace = {"json": json}
-    exec(compile(ast.Module(body=[method], type_ignores=[]), spec.origin, "exec"), namespace)
-    return lambda messages, function: namespace["_format_prompt"](None, messages, function)
+    """bfcl-eval's own `QwenFCHandler._format_prompt` (it reads nothing of the handler's state)."""
+    from bfcl_eval.model_handler.local_inference.qwen_fc import QwenFCHandler
+
+    return lambda messages, function: QwenFCHandler._format_prompt(None, messages, function)
 
 
 @pytest.mark.parametrize("entry_id", ENTRIES)

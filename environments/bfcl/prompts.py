@@ -17,13 +17,9 @@ are compiled from that module's source, after checking they use nothing but the 
 
 from __future__ import annotations
 
-import ast
-import builtins
 import copy
 import functools
-import importlib.util
 import json
-import re
 
 from environments.bfcl import catalog
 
@@ -66,33 +62,13 @@ def check_style(style: str) -> str:
 
 
 # ---- bfcl-eval's pieces, read at run time ----------------------------------------------------------------------
-_CONVERT_FUNCTIONS = ("_cast_to_openai_type", "convert_to_tool")
-
-
 @functools.lru_cache(maxsize=1)
 def _convert_to_tool():
-    module = "bfcl_eval.model_handler.utils"
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.origin:
-        raise ImportError(f"{module} is not installed; the t3rl prompt style needs bfcl-eval's convert_to_tool")
-    with open(spec.origin, encoding="utf-8") as f:
-        tree = ast.parse(f.read(), filename=spec.origin)
-    nodes = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in _CONVERT_FUNCTIONS]
-    if sorted(n.name for n in nodes) != sorted(_CONVERT_FUNCTIONS):
-        raise ImportError(f"{spec.origin} no longer defines {list(_CONVERT_FUNCTIONS)}")
-    namespace = {"copy": copy, "re": re, "json": json, "ModelStyle": ModelStyle,
-                 "GORILLA_TO_OPENAPI": GORILLA_TO_OPENAPI}
-    known = set(namespace) | set(_CONVERT_FUNCTIONS) | set(dir(builtins))
-    for node in nodes:
-        local = {a.arg for a in ast.walk(node) if isinstance(a, ast.arg)}
-        local |= {t.id for t in ast.walk(node) if isinstance(t, ast.Name) and isinstance(t.ctx, ast.Store)}
-        free = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-        missing = free - local - known
-        if missing:
-            raise ImportError(f"bfcl-eval's {node.name} in {spec.origin} now uses {sorted(missing)}, "
-                              "which the t3rl prompt style does not provide")
-    exec(compile(ast.Module(body=nodes, type_ignores=[]), spec.origin, "exec"), namespace)  # bfcl-eval's code
-    return namespace["convert_to_tool"]
+    # Imported lazily: its module pulls in bfcl-eval's Java/JavaScript parsers (tree-sitter), which only this
+    # conversion needs.
+    from bfcl_eval.model_handler.utils import convert_to_tool
+
+    return convert_to_tool
 
 
 @functools.lru_cache(maxsize=None)
