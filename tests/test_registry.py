@@ -21,6 +21,10 @@ def test_config_choices_are_the_registered_names():
         load_config("tiny", ["algo.loss_agg=sum"])
     with pytest.raises(ConfigError, match="algo.policy_loss"):
         load_config("tiny", ["algo.policy_loss=gspo"])
+    # Dual clip off is 0 in a config (config overrides refuse None; the loss settings take 0 or None).
+    assert LossSettings.from_algo_config(load_config("tiny", [("algo.dual_clip", 0.0)]).algo).dual_clip == 0.0
+    with pytest.raises(ConfigError, match="algo.dual_clip"):
+        load_config("tiny", [("algo.dual_clip", 0.5)])
 
 
 def test_loading_a_config_imports_no_jax():
