@@ -92,6 +92,7 @@ def recipe() -> ml_collections.ConfigDict:
     c.prompt = dict(style="t3rl")
     c.algo = dict(
         advantage="grpo",
+        policy_loss="ppo_clip",  # names registered in t3rl_jax/rl/registry.py, as are advantage, kl_type, loss_agg
         adv_eps=1e-6,
         clip_low=0.2,
         clip_high=0.28,
@@ -102,6 +103,8 @@ def recipe() -> ml_collections.ConfigDict:
         loss_agg="token_mean",
         filter_zero_variance=True,
         refill_groups=False,
+        max_refill_batches=8,  # extra prompt batches a step may roll out to reach data.prompts_per_step groups
+        failed_episodes="exclude",  # env_failed episodes: "exclude" (left out of their group) or "drop_group"
         old_logprobs="trainer",
         tis_cap=0.0,
     )

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from t3rl_jax.rl import registry
+
 SCHEMA: dict[str, tuple[str, ...] | None] = {
     "workdir": None,
     "seed": None,
@@ -29,8 +31,9 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
                 "max_model_calls", "prefill_tokens_per_call"),
     "env": ("augment", "num_workers", "step_timeout_s", "reward"),
     "prompt": ("style",),
-    "algo": ("advantage", "adv_eps", "clip_low", "clip_high", "dual_clip", "kl_coef", "kl_type", "entropy_coef",
-             "loss_agg", "filter_zero_variance", "refill_groups", "old_logprobs", "tis_cap"),
+    "algo": ("advantage", "policy_loss", "adv_eps", "clip_low", "clip_high", "dual_clip", "kl_coef", "kl_type",
+             "entropy_coef", "loss_agg", "filter_zero_variance", "refill_groups", "max_refill_batches",
+             "failed_episodes", "old_logprobs", "tis_cap"),
     "train": ("num_steps", "lr", "lr_schedule", "warmup_steps", "b1", "b2", "weight_decay", "grad_clip",
               "micro_batch_size", "max_seq_len", "mini_batches_per_step", "max_nan_steps"),
     "checkpoint": ("every_steps", "keep", "async_save"),
@@ -39,8 +42,7 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
     "profile": ("start_step", "num_steps", "port"),
 }
 
-# Mirrors of the names registered in t3rl_jax.rl (kept here so loading a config imports no JAX);
-# tests/test_config.py checks they agree.
+# Allowed values (loading a config imports no JAX).
 CHOICES: dict[str, tuple[Any, ...]] = {
     "resume": ("auto", "never"),
     "model.preset": ("tiny", "qwen3_4b_instruct_2507"),
@@ -51,10 +53,10 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.attention": ("auto", "cudnn", "splash", "blockwise", "xla"),
     "env.reward": ("progress", "binary", "format"),
     "prompt.style": ("t3rl", "bfcl"),  # environments.bfcl.prompts.STYLES (tests/test_bfcl_prompts.py checks)
-    "algo.advantage": ("grpo", "mean_only"),
-    "algo.kl_type": ("low_var_kl", "kl", "mse", "abs"),
-    "algo.loss_agg": ("token_mean", "seq_mean_token_mean"),
+    # GRPO building blocks: the names registered in t3rl_jax/rl/registry.py (which imports no JAX).
+    **{key: registry.names(kind) for kind, key in registry.CONFIG_KEYS.items()},
     "algo.old_logprobs": ("trainer", "rollout"),
+    "algo.failed_episodes": ("exclude", "drop_group"),
     "train.lr_schedule": ("constant", "cosine"),
     "eval.split": ("val", "test"),
     "log.wandb_mode": ("offline", "online", "disabled"),
@@ -74,6 +76,7 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("env.num_workers", 0, True), ("env.step_timeout_s", 0, False),
     ("algo.adv_eps", 0, True), ("algo.clip_low", 0, True), ("algo.clip_high", 0, True), ("algo.kl_coef", 0, True),
     ("algo.entropy_coef", 0, True), ("algo.tis_cap", 0, True), ("algo.dual_clip", 0, True),
+    ("algo.max_refill_batches", 0, True),
     ("train.num_steps", 1, True), ("train.lr", 0, False), ("train.warmup_steps", 0, True),
     ("train.b1", 0, True), ("train.b2", 0, True), ("train.weight_decay", 0, True), ("train.grad_clip", 0, True),
     ("train.micro_batch_size", 1, True), ("train.max_seq_len", 1, True), ("train.mini_batches_per_step", 1, True),
