@@ -31,6 +31,8 @@ class Trajectory:
     num_tool_calls: int = 0
     num_tool_errors: int = 0
     num_format_errors: int = 0
+    num_replies_with_text: int = 0   # tool-call replies with text around the blocks (allowed, counted)
+    num_truncated_replies: int = 0   # replies cut off by the per-call token budget (closed, then handled)
     category: str = ""
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -47,6 +49,18 @@ class Trajectory:
         self.token_ids.extend(ids)
         self.loss_mask.extend([1] * len(ids))
         self.logprobs.extend(float(x) for x in logprobs)
+
+    def replace_prefix(self, old_length: int, ids) -> None:
+        """Swap the first `old_length` tokens (an observation, e.g. the system turn re-rendered with more tools) for
+        `ids`; everything after them stays as it is."""
+        if not 0 <= old_length <= self.prompt_length or any(self.loss_mask[:old_length]):
+            raise ValueError(f"replace_prefix: the first {old_length} tokens are not all prompt tokens "
+                             f"(prompt_length {self.prompt_length})")
+        ids = list(ids)
+        self.token_ids[:old_length] = ids
+        self.loss_mask[:old_length] = [0] * len(ids)
+        self.logprobs[:old_length] = [0.0] * len(ids)
+        self.prompt_length += len(ids) - old_length
 
     @property
     def length(self) -> int:
