@@ -197,12 +197,6 @@ class ChatEncoder:
     ) -> list[int]:
         return self.tokenizer.encode(render_conversation(messages, tools, add_generation_prompt=add_generation_prompt))
 
-    def system_ids(self, tools: Sequence[Mapping] | None, system_content: str | None = None) -> list[int]:
-        """Ids of the opening system turn alone. `prompt_ids(messages, tools)` starts with exactly these ids (the
-        turn ends at `<|im_end|>\\n` and the next begins with the added token `<|im_start|>`), so a conversation can
-        be re-rendered with another tool list by swapping this prefix and keeping every later id."""
-        return self.tokenizer.encode(render_system(tools, system_content))
-
     def delta_ids(
         self, new_messages: Sequence[Mapping], *, add_generation_prompt: bool = True, close_assistant: bool = False
     ) -> list[int]:

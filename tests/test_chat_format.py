@@ -270,31 +270,3 @@ def test_bad_tools_and_empty_delta_are_refused():
     with pytest.raises(ValueError, match="needs new messages"):
         render_delta([], add_generation_prompt=False)
 
-
-def test_re_rendering_with_more_tools_swaps_only_the_system_turn(chat, tok):
-    # The bfcl prompt style re-renders the conversation with the grown tool list (miss_func reveals): swapping the
-    # system turn's ids and keeping every later id must equal rendering the whole conversation with the new tools.
-    from t3rl_jax.rollout.trajectory import Trajectory
-
-    rng = random.Random(7)
-    tools = BFCL_TOOLS or HAND_TOOLS
-    for _ in range(20):
-        messages, _ = random_conversation(rng)
-        if messages and messages[0]["role"] == "system":
-            system = messages[0]["content"]
-        else:
-            system = None
-        shown, more = tools[: len(tools) // 2], tools[len(tools) // 2:]
-        before = chat.prompt_ids(messages, shown)
-        old_system = chat.system_ids(shown, system)
-        assert before[:len(old_system)] == old_system
-        traj = Trajectory("e", 0, 0)
-        traj.append_observation(before)
-        traj.prompt_length = len(before)
-        traj.append_sampled([11, 12], [-0.5, -0.25])
-        traj.replace_prefix(len(old_system), chat.system_ids(shown + more, system))
-        assert traj.token_ids[:traj.prompt_length] == chat.prompt_ids(messages, shown + more)
-        assert traj.loss_mask[traj.prompt_length:] == [1, 1] and traj.logprobs[traj.prompt_length:] == [-0.5, -0.25]
-        assert sum(traj.loss_mask[:traj.prompt_length]) == 0
-    with pytest.raises(ValueError, match="not all prompt tokens"):
-        traj.replace_prefix(traj.length, [1])

@@ -137,3 +137,36 @@ def test_unknown_prompt_style_is_refused_with_the_entry_and_the_styles():
 def test_bad_limits_name_the_field(name, value):
     with pytest.raises(ValueError, match=f"RolloutLimits.{name}"):
         RolloutLimits(**{name: value})
+
+
+class _PromptsOfTheDefaultStyle:
+    """The real pool, asked for its default prompts whatever the style: the bfcl style's history rule below is the
+    protocol's alone and does not depend on how the environment words its prompts."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def open(self, entry_id, *, augment=False, reward_kind="progress", prompt_style="t3rl"):
+        return self.pool.open(entry_id, augment=augment, reward_kind=reward_kind)
+
+
+@pytest.mark.slow
+def test_bfcl_style_keeps_tool_call_replies_in_bfcl_eval_history_form(engine, pool, chat):
+    # bfcl-eval's Qwen handler stores a reply with calls as content "" + the calls re-serialised (json.dumps).
+    def chatty(entry_id, turn, step):
+        reply = ground_truth_reply(entry_id, turn, step)
+        return dict(reply, content="I will look it up.") if reply.get("tool_calls") else reply
+
+    limits = RolloutLimits(max_context_tokens=6144)
+    env = _PromptsOfTheDefaultStyle(pool)
+    bfcl, t3rl = (RolloutDriver(engine, env, chat, limits=limits, script=chatty).run(
+        [EpisodeRequest(STOCK, prompt_style=style)])[0] for style in ("bfcl", "t3rl"))
+    for t in (bfcl, t3rl):
+        assert t.termination == "completed" and t.reward == 1.0, (t.termination, t.extras)
+    text = chat.tokenizer.decode(bfcl.token_ids)
+    assert "I will look it up." not in text and bfcl.extras["rewritten_replies"] == 2
+    assert ('<|im_start|>assistant\n<tool_call>\n{"name": "get_stock_info", "arguments": {"symbol": "QUAS"}}\n'
+            '</tool_call><|im_end|>') in text
+    # Only the answers stay sampled tokens; the t3rl style keeps every reply as sampled.
+    assert _replies(bfcl, chat) == [FINAL_TEXT + "<|im_end|>"] * 2
+    assert sum("I will look it up." in r for r in _replies(t3rl, chat)) == 2 and "rewritten_replies" not in t3rl.extras

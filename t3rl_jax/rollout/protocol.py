@@ -7,7 +7,7 @@ The slot scheduler (scheduler.py) owns the engine side and talks to an episode o
     episode.wants_reply        the trajectory's new tail is to be prefilled and the model asked for a reply
     episode.reply_limit()      cache length at which the slot stops generating this reply
     episode.forced_reply()     the scripted reply's ids (teacher forcing), or None
-    episode.take_reset()       True once after the history was re-rendered: prefill it all into a fresh slot
+    episode.take_rewind()      once after the history was rewritten: how many leading tokens are still valid
     episode.on_reply(ids, logprobs)   the model's reply is complete
     episode.released           the episode needs its slot no more (its result may still be on the way)
     episode.finished           the result is in; `episode.traj` is final
@@ -24,11 +24,14 @@ Rules (T3RL's, REFERENCE.md "Recipe fidelity"):
 - Tokens: `max_response_tokens` is the budget of each model call (T3RL's max_new_tokens). A reply cut off there is
   closed with `<|im_end|>` (loss mask 0) and handled like any other reply. The context (`max_context_tokens`) is
   the episode's only token cap: an episode that fills it ends (`context_limit`).
-- miss_func reveals follow the prompt style. `t3rl`: the environment's reveal message is appended (it carries the
-  tools as JSON; an environment that lists them only in `revealed_tools` gets them appended to its message in the
-  `<tools>` one-JSON-per-line form). `bfcl`: the conversation is re-rendered with the grown tool list, as
-  bfcl-eval's FC handlers do: the trajectory's system turn is swapped, every later token kept, and the slot is
-  refilled from scratch (`extras["rerendered_turns"]`; earlier log-probs were sampled under the old tool list).
+- miss_func reveals: the environment's reveal message is appended as it is; in both prompt styles it carries the
+  revealed docs and the tool list stays the first turn's (T3RL's and bfcl-eval's Qwen handler both do so). A guard:
+  an environment whose reveal message does not name the revealed tools gets them appended to it in the system
+  turn's `<tools>` form, so the model always sees what it may call.
+- `bfcl` style: bfcl-eval's Qwen handler keeps a reply with tool calls in its history as `content=""` plus the calls
+  re-serialised (`json.dumps` arguments), dropping the text around them. Such a reply is rewritten to that form
+  when it differs (the rewritten tokens are observations, loss mask 0; `extras["rewritten_replies"]`) and the slot
+  is rewound to the reply's start before the next prefill. The `t3rl` style keeps every sampled token.
 Terminations: completed, max_model_calls, context_limit, env_failed (with `extras["failure_reason"]`).
 """
 
@@ -37,6 +40,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import inspect
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -148,10 +152,7 @@ class EpisodeProtocol:
         self._replies_in_turn = 0
         self._close_reply = False    # the last reply did not end with <|im_end|>: the next delta writes it
         self._carry: list[dict] = []  # results of a cut-off turn's last step, shown before the next question
-        self._tools: list[dict] = []
-        self._system_content: str | None = None
-        self._system_length = 0
-        self._reset = False
+        self._rewind: int | None = None
         self._ask(remote.started, self._on_started)
 
     # ------------------------------------------------------------------ the scheduler's side
@@ -177,13 +178,14 @@ class EpisodeProtocol:
         message = self.script(self.request.entry_id, self.traj.num_turns, self._replies_in_turn)
         return self.chat.assistant_ids(message)[:self.reply_limit() + 1 - self.traj.length]
 
-    def take_reset(self) -> bool:
-        reset, self._reset = self._reset, False
-        return reset
+    def take_rewind(self) -> int | None:
+        rewind, self._rewind = self._rewind, None
+        return rewind
 
     def on_reply(self, ids, logprobs) -> None:
         t = self.traj
         self.wants_reply = False
+        start = t.length
         t.append_sampled(ids, logprobs)
         t.num_model_calls += 1
         self._replies_in_turn += 1
@@ -202,6 +204,8 @@ class EpisodeProtocol:
             t.num_tool_calls += len(reply.tool_calls)
             t.num_replies_with_text += int(reply.surrounding_text)
             calls = [{"name": c.name, "arguments": c.arguments} for c in reply.tool_calls]
+            if self.request.prompt_style == "bfcl":
+                self._as_bfcl_history(start, calls)
             return self._ask(self.remote.step(calls), self._on_tool_results)
         self.remote.record_text_reply()
         self._ask(self.remote.end_turn(cut_off=False), self._on_turn_end)
@@ -210,13 +214,18 @@ class EpisodeProtocol:
     def _ask(self, future: cf.Future, handler: Callable[[Any], None]) -> None:
         self.pending, self._handler = future, handler
 
+    def _as_bfcl_history(self, start: int, calls: list[dict]) -> None:
+        wire = [{"name": c["name"], "arguments": json.dumps(c["arguments"])} for c in calls]
+        ids = self.chat.assistant_ids({"role": "assistant", "content": "", "tool_calls": wire})
+        if ids == self.traj.token_ids[start:]:
+            return
+        self.traj.rewrite_tail(start, ids)
+        self.traj.extras["rewritten_replies"] = self.traj.extras.get("rewritten_replies", 0) + 1
+        self._close_reply = False  # the rewritten reply ends with <|im_end|>
+        self._rewind = start
+
     def _on_started(self, start) -> None:
-        first = [dict(m) for m in start.first_messages]
-        self._tools = list(start.tools)
-        self._system_content = first[0]["content"] if first and first[0]["role"] == "system" else None
-        ids = self.chat.prompt_ids(first, self._tools)
-        if self.request.prompt_style == "bfcl":
-            self._system_length = len(self.chat.system_ids(self._tools, self._system_content))
+        ids = self.chat.prompt_ids([dict(m) for m in start.first_messages], list(start.tools))
         self.traj.append_observation(ids)
         self.traj.prompt_length = len(ids)
         if len(ids) + 1 > self.limits.max_context_tokens:
@@ -254,21 +263,9 @@ class EpisodeProtocol:
         if t.num_model_calls >= self.limits.max_model_calls:
             return self._end("max_model_calls", cut_off_turn=False)
         messages = [dict(m) for m in turn_end.next_messages]
-        revealed = list(turn_end.revealed_tools or ())
-        if revealed:
-            if self.request.prompt_style == "bfcl":
-                self._rerender(revealed)
-            else:
-                messages = _show_revealed(messages, revealed)
+        if turn_end.revealed_tools:
+            messages = _show_revealed(messages, list(turn_end.revealed_tools))
         self._observe(carry + messages)
-
-    def _rerender(self, revealed: list[dict]) -> None:
-        self._tools = self._tools + revealed
-        system = self.chat.system_ids(self._tools, self._system_content)
-        self.traj.replace_prefix(self._system_length, system)
-        self._system_length = len(system)
-        self.traj.extras.setdefault("rerendered_turns", []).append(self.traj.num_turns)
-        self._reset = True
 
     def _observe(self, messages: list[dict]) -> None:
         delta = self.chat.delta_ids(messages, close_assistant=self._close_reply)

@@ -192,8 +192,10 @@ class SlotScheduler:
         tails, forced, limits = {}, {}, {}
         for slot, run in ready:
             episode = run.episode
-            if episode.take_reset():
-                run.cached = 0  # the history was re-rendered: the slot starts afresh
+            keep = episode.take_rewind()
+            if keep is not None and keep < run.cached:  # the history was rewritten from `keep` on
+                state = self.engine.finish_slot(state, slot, keep)
+                run.cached = keep
             tail = episode.traj.token_ids[run.cached:]
             reply = episode.forced_reply()
             if reply is not None:

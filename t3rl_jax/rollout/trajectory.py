@@ -50,17 +50,15 @@ class Trajectory:
         self.loss_mask.extend([1] * len(ids))
         self.logprobs.extend(float(x) for x in logprobs)
 
-    def replace_prefix(self, old_length: int, ids) -> None:
-        """Swap the first `old_length` tokens (an observation, e.g. the system turn re-rendered with more tools) for
-        `ids`; everything after them stays as it is."""
-        if not 0 <= old_length <= self.prompt_length or any(self.loss_mask[:old_length]):
-            raise ValueError(f"replace_prefix: the first {old_length} tokens are not all prompt tokens "
-                             f"(prompt_length {self.prompt_length})")
+    def rewrite_tail(self, start: int, ids) -> None:
+        """Replace every token from `start` on by `ids`, as observations (loss mask 0): the history continues from
+        a form of the last reply that the model did not sample itself."""
+        if not self.prompt_length <= start <= self.length:
+            raise ValueError(f"rewrite_tail: start {start} outside [prompt_length {self.prompt_length}, "
+                             f"length {self.length}]")
         ids = list(ids)
-        self.token_ids[:old_length] = ids
-        self.loss_mask[:old_length] = [0] * len(ids)
-        self.logprobs[:old_length] = [0.0] * len(ids)
-        self.prompt_length += len(ids) - old_length
+        del self.token_ids[start:], self.loss_mask[start:], self.logprobs[start:]
+        self.append_observation(ids)
 
     @property
     def length(self) -> int:
