@@ -197,12 +197,13 @@ class SlotScheduler:
                 state = self.engine.finish_slot(state, slot, keep)
                 run.cached = keep
             tail = episode.traj.token_ids[run.cached:]
+            limits[slot] = episode.reply_limit()
             reply = episode.forced_reply()
             if reply is not None:
                 forced[slot] = reply
                 tail = tail + reply[:-1]  # cached like sampled tokens: all but the last, never fed
+                limits[slot] = run.cached + len(tail)  # the slot stops right after this prefill: nothing to decode
             tails[slot] = tail
-            limits[slot] = episode.reply_limit()
         chunk = self.engine.max_prefill_length
         sampled = {}
         t0 = time.perf_counter()
