@@ -269,4 +269,3 @@ def test_bad_tools_and_empty_delta_are_refused():
         render_conversation([{"role": "user", "content": "x"}], {"name": "f"})
     with pytest.raises(ValueError, match="needs new messages"):
         render_delta([], add_generation_prompt=False)
-
