@@ -44,7 +44,7 @@ class RolloutMetrics:
     decode_slot_steps: int = 0
     decode_active_slot_steps: int = 0
     env_requests: int = 0
-    env_wait_seconds: float = 0.0   # host time blocked on environment answers
+    env_seconds: float = 0.0   # host time blocked on environment answers
     env_late_replies: int = 0
     env_failed: int = 0
     replies: int = 0
@@ -70,7 +70,7 @@ class RolloutMetrics:
             "rollout/prefill_tokens_per_s": rate(self.prefill_tokens, self.prefill_seconds),
             "rollout/decode_tokens_per_s": rate(self.decode_tokens, self.decode_seconds),
             "rollout/slot_occupancy": rate(self.decode_active_slot_steps, self.decode_slot_steps),
-            "rollout/env_wait_ms": 1000 * rate(self.env_wait_seconds, self.env_requests),
+            "rollout/env_wait_ms": 1000 * rate(self.env_seconds, self.env_requests),
             "rollout/env_late_replies": self.env_late_replies,
             "rollout/env_failed": self.env_failed,
             "rollout/replies_with_surrounding_text": rate(self.replies_with_text, self.replies),
@@ -174,7 +174,7 @@ class SlotScheduler:
         elif idle:
             cf.wait([run.episode.pending for run in due], timeout=self.limits.env_wait_s,
                     return_when=cf.FIRST_COMPLETED)
-        self.metrics.env_wait_seconds += time.perf_counter() - t0
+        self.metrics.env_seconds += time.perf_counter() - t0
         for run in due:
             if run.episode.pending.done():
                 self._late.discard(id(run.episode.pending))
