@@ -75,11 +75,14 @@ def recipe() -> ml_collections.ConfigDict:
         max_concurrent_decodes=128,
         # Initial BFCL prompts (tool docs + first question) are 3.1k-7.1k tokens.
         max_prefill_length=8192,
-        # Everything after the first prompt (sampled tokens and tool observations), as verl counts it.
+        # New tokens per model call (T3RL's max_new_tokens; 20,000 in its evaluation); not a cap over the episode.
         max_response_tokens=10000,
+        # The episode's only token cap (prompt, replies and observations); also the KV cache length.
         max_context_tokens=18432,  # 8192 + 10000, rounded up to a multiple of 1024
+        # Tool-call / format-error replies a turn may have; one more cuts the turn off. The answer does not count:
+        # 10 tool steps, then the answer, as T3RL.
         max_steps_per_turn=10,
-        max_model_calls=30,
+        max_model_calls=30,  # replies per episode
         # Padded prompt tokens prefilled per engine call when several episodes start or resume together (bounds
         # prefill activation memory; a GRPO group's identical prompts count once).
         prefill_tokens_per_call=8192,

@@ -4,15 +4,20 @@
     reply.tool_calls      # tuple[ToolCall(name, arguments: dict)], the well-formed calls in order
     reply.errors          # tuple[ToolCallError(message, block)], one per problem found
     reply.feedback()      # the problems (first 5) as one message to send back to the model ('' when none)
-    reply.content         # text outside the <tool_call> blocks, stripped
+    reply.content         # text outside the <tool_call> blocks and the reasoning blocks, stripped
+    reply.reasoned        # the reply held a <think> / <thinking> block (removed before parsing)
+    reply.surrounding_text  # the reply has calls and text next to them (allowed; counted in rollout metrics)
     reply.finish_reason   # "im_end" (ended properly) | "endoftext" | "truncated" (no stop token)
     reply.ended           # finish_reason == "im_end"
 
-A block is `<tool_call>` JSON `</tool_call>`; the JSON must be an object with a non-empty string `name` and an
-`arguments` object (or a string holding a JSON object). Each bad block, an unclosed block, a stray `</tool_call>`,
-and - unless `allow_surrounding_text=True` - text around the blocks become errors; well-formed blocks are still
-returned so the caller decides whether to run them. A reply with no blocks at all is a plain answer, not an error
-(even when truncated: check `ended`).
+Rules (T3RL's Hermes-style parser and bfcl-eval's Qwen handler, see REFERENCE.md "Parsing"): reasoning blocks
+(`<think>...</think>`, `<thinking>...</thinking>`) are removed first, so calls written inside them never run; a
+reasoning tag without its partner is an error. Then every `<tool_call>` JSON `</tool_call>` block is a call; the
+JSON must be an object with a non-empty string `name`; `arguments` defaults to `{}` and otherwise must be an object
+(or a string holding one). Text around the blocks is allowed (`allow_surrounding_text=False` makes it an error).
+Each bad block, an unclosed block and a stray `</tool_call>` become errors; well-formed blocks are still returned so
+the caller decides whether to run them. A reply with no blocks at all is a plain answer, not an error (even when
+truncated: check `ended`).
 
 Time is linear in the reply length (str.find scans, json's C scanner) and replies longer than `max_chars` are
 refused with one error. Deeply nested JSON hits Python's recursion limit inside json, which is caught.
@@ -26,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from t3rl_jax.tokenizer import TOOL_CALL, TOOL_CALL_END, QwenTokenizer
+
+REASONING_TAGS = (("<think>", "</think>"), ("<thinking>", "</thinking>"))
 
 FinishReason = Literal["im_end", "endoftext", "truncated"]
 FORMAT_REMINDER = (
@@ -54,6 +61,11 @@ class ParsedReply:
     tool_calls: tuple[ToolCall, ...]
     errors: tuple[ToolCallError, ...]
     finish_reason: FinishReason
+    reasoned: bool = False
+
+    @property
+    def surrounding_text(self) -> bool:
+        return bool(self.tool_calls) and bool(self.content)
 
     @property
     def ended(self) -> bool:
@@ -108,9 +120,7 @@ def _parse_block(body: str, block: int) -> ToolCall | ToolCallError:
     name = value.get("name")
     if not isinstance(name, str) or not name.strip():
         return ToolCallError(f"{where} has no function name (a non-empty string \"name\"): {_snippet(body)}.", block)
-    if "arguments" not in value:
-        return ToolCallError(f"{where} ({name}) has no \"arguments\" object; use {{}} for none.", block)
-    arguments = value["arguments"]
+    arguments = value.get("arguments", {})
     if isinstance(arguments, str):
         arguments, problem = _loads(arguments)
         if problem is not None:
@@ -121,11 +131,40 @@ def _parse_block(body: str, block: int) -> ToolCall | ToolCallError:
     return ToolCall(name=name, arguments=arguments)
 
 
+def strip_reasoning(text: str, *, truncated: bool = False) -> tuple[str, bool, list[ToolCallError]]:
+    """(text without its reasoning blocks, whether it had any, problems with the reasoning tags)."""
+    errors: list[ToolCallError] = []
+    reasoned = False
+    for open_tag, close_tag in REASONING_TAGS:
+        opened, closed = text.count(open_tag), text.count(close_tag)
+        if not opened and not closed:
+            continue
+        reasoned = True
+        if opened != closed:
+            cut = " (the reply was cut off at the length limit)" if truncated and opened > closed else ""
+            errors.append(ToolCallError(f"Mismatched {open_tag} tags: {opened} opening, {closed} closing{cut}.", None))
+            continue
+        kept, pos = [], 0
+        while True:  # str.find scans keep this linear in the reply length
+            start, end = text.find(open_tag, pos), text.find(close_tag, pos)
+            if start < 0 and end < 0:
+                kept.append(text[pos:])
+                break
+            if start < 0 or end < start:
+                errors.append(ToolCallError(f"Found {close_tag} before its {open_tag}.", None))
+                kept.append(text[pos:])
+                break
+            kept.append(text[pos:start])
+            pos = text.find(close_tag, start + len(open_tag)) + len(close_tag)
+        text = "".join(kept)
+    return text, reasoned, errors
+
+
 def parse_tool_calls(
     text: str,
     *,
     finish_reason: FinishReason = "im_end",
-    allow_surrounding_text: bool = False,
+    allow_surrounding_text: bool = True,
     max_chars: int = DEFAULT_MAX_CHARS,
 ) -> ParsedReply:
     """Parses the decoded reply text (without the stop token)."""
@@ -137,8 +176,9 @@ def parse_tool_calls(
         error = ToolCallError(f"The reply is too long to parse ({len(text)} characters, limit {max_chars}).", None)
         return ParsedReply(text, "", (), (error,), finish_reason)
 
+    original = text
+    text, reasoned, errors = strip_reasoning(text, truncated=finish_reason == "truncated")
     calls: list[ToolCall] = []
-    errors: list[ToolCallError] = []
     outside: list[str] = []
     pos, block = 0, 0
     next_close = -2  # cached position of the next </tool_call> (-1: none left): keeps reopened blocks linear
@@ -172,14 +212,14 @@ def parse_tool_calls(
     content = "".join(outside).strip()
     if block and content and not allow_surrounding_text:
         errors.append(ToolCallError(f"Write nothing outside the <tool_call> blocks; found {_snippet(content)}.", None))
-    return ParsedReply(text, content, tuple(calls), tuple(errors), finish_reason)
+    return ParsedReply(original, content, tuple(calls), tuple(errors), finish_reason, reasoned)
 
 
 def parse_reply_ids(
     ids: Sequence[int],
     tokenizer: QwenTokenizer,
     *,
-    allow_surrounding_text: bool = False,
+    allow_surrounding_text: bool = True,
     max_chars: int = DEFAULT_MAX_CHARS,
 ) -> ParsedReply:
     """Parses sampled ids: the reply ends at the first `<|im_end|>` / `<|endoftext|>`; none means truncated."""
@@ -210,5 +250,6 @@ def parse_reply_ids(
     if stop_at is not None and stop_at + 1 < len(ids):
         extra.append(ToolCallError("The reply continued after its end-of-message token.", None))
     if extra:
-        reply = ParsedReply(reply.text, reply.content, reply.tool_calls, reply.errors + tuple(extra), finish_reason)
+        reply = ParsedReply(reply.text, reply.content, reply.tool_calls, reply.errors + tuple(extra), finish_reason,
+                            reply.reasoned)
     return reply

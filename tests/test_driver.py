@@ -1,4 +1,7 @@
-"""Rollout driver: multi-turn BFCL episodes through the real engine, chat deltas, env pool and scoring."""
+"""Rollout driver: multi-turn BFCL episodes through the real engine, chat deltas, a 2-worker env pool and scoring."""
+
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ from t3rl_jax.models.model_config import Qwen3Config
 from t3rl_jax.models.qwen3 import Qwen3
 from t3rl_jax.rollout.driver import EpisodeRequest, RolloutDriver, RolloutLimits
 from t3rl_jax.rollout.engine import Qwen3Engine, SamplingSettings
+from environments.bfcl import catalog
 from t3rl_jax.rollout.scripted import ground_truth_reply
 from t3rl_jax.tokenizer import load_tokenizer
 
@@ -36,7 +40,7 @@ def _engine(model, slots, sampling=SamplingSettings(temperature=0.0)):
 @pytest.mark.slow
 def test_ground_truth_replay_scores_full_progress_and_masks_exactly_the_replies(model, chat):
     limits = RolloutLimits(max_context_tokens=6144, max_response_tokens=4000)
-    with EnvPool(num_workers=1) as pool:
+    with EnvPool(num_workers=2) as pool:
         driver = RolloutDriver(_engine(model, 2), pool, chat, limits=limits, script=ground_truth_reply)
         trajs = driver.run([EpisodeRequest(e, group_id=i) for i, e in enumerate(ENTRIES)])
     for entry_id, t in zip(ENTRIES, trajs):
@@ -59,18 +63,21 @@ def test_ground_truth_replay_scores_full_progress_and_masks_exactly_the_replies(
         text = chat.tokenizer.decode(ids.tolist())
         assert text.count("<|im_start|>assistant") == t.num_model_calls
         assert text.endswith("<|im_end|>")
-    # miss_func: the held-back tool is shown when its turn comes.
-    assert "<tools>" in chat.tokenizer.decode(trajs[1].token_ids[trajs[1].prompt_length:])
+    # miss_func: the held-back tools are shown when their turn comes (and not in the first prompt).
+    missed = [name for names in catalog.load_entry(ENTRIES[1]).missed_function.values() for name in names]
+    prompt = chat.tokenizer.decode(trajs[1].token_ids[:trajs[1].prompt_length])
+    later = chat.tokenizer.decode(trajs[1].token_ids[trajs[1].prompt_length:])
+    assert missed and all(f'"{name}"' not in prompt and f'"{name}"' in later for name in missed)
 
 
 @pytest.mark.slow
 def test_continuous_batching_equals_one_at_a_time_and_keeps_slots_busy(model, chat):
     limits = RolloutLimits(max_context_tokens=6144, max_response_tokens=24, max_model_calls=3,
-                           decode_steps_per_call=4)
+                           decode_steps_per_call=4)  # 24 new tokens per reply
     sampling = SamplingSettings(temperature=1.0)
     requests = [EpisodeRequest(e, group_id=0, sample_index=i, seed=100 + i)
                 for i, e in enumerate(["multi_turn_base_105", "multi_turn_base_105", "multi_turn_base_146"])]
-    with EnvPool(num_workers=0) as pool:
+    with EnvPool(num_workers=2) as pool:
         batched = RolloutDriver(_engine(model, 2, sampling), pool, chat, limits=limits)
         together = batched.run(requests)
         occupancy = batched.metrics.summary()["rollout/slot_occupancy"]
@@ -78,8 +85,8 @@ def test_continuous_batching_equals_one_at_a_time_and_keeps_slots_busy(model, ch
     for a, b in zip(together, alone):
         assert a.token_ids == b.token_ids and a.loss_mask == b.loss_mask
         np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-4, atol=1e-5)
-        assert a.termination in ("response_limit", "max_model_calls", "completed")
-        assert a.num_sampled > 0 and a.length - a.prompt_length <= 24
+        assert a.termination in ("max_model_calls", "completed")
+        assert a.num_model_calls > 1 and a.num_sampled <= 24 * a.num_model_calls
     # Same seed, same entry -> same sample; different seeds differ.
     assert together[0].token_ids != together[1].token_ids
     assert occupancy > 0.5
@@ -87,3 +94,29 @@ def test_continuous_batching_equals_one_at_a_time_and_keeps_slots_busy(model, ch
     for t in together:
         ids, mask, lp = t.arrays()
         assert np.all(lp[mask == 1] <= 0) and np.all(lp[mask == 0] == 0)
+
+
+@pytest.mark.slow
+def test_an_env_failure_fails_only_the_episodes_of_that_worker_and_the_rest_complete(model, chat):
+    entries = ["multi_turn_base_105", "multi_turn_base_146", "multi_turn_base_1", "multi_turn_base_0"]
+    limits = RolloutLimits(max_context_tokens=6144)
+    with EnvPool(num_workers=2) as pool:
+        killed = []
+
+        def script(entry_id, turn, step):
+            if turn == 1 and not killed:  # the first episode to reach turn 1 takes worker 0 down with it
+                killed.append(pool.worker_pids()[0])
+                os.kill(killed[0], signal.SIGKILL)
+            return ground_truth_reply(entry_id, turn, step)
+
+        driver = RolloutDriver(_engine(model, 4), pool, chat, limits=limits, script=script)
+        trajs = driver.run([EpisodeRequest(e, group_id=i) for i, e in enumerate(entries)])
+    assert [t.entry_id for t in trajs] == entries
+    failed = [t for t in trajs if t.termination == "env_failed"]
+    assert 0 < len(failed) < len(trajs), [t.termination for t in trajs]
+    for t in failed:
+        assert "worker process exited" in t.extras["failure_reason"] and t.reward == 0.0
+    for t in trajs:
+        if t.termination != "env_failed":
+            assert t.termination == "completed" and t.reward == 1.0, (t.entry_id, t.termination, t.extras)
+    assert driver.metrics.summary()["rollout/env_failed"] == len(failed)

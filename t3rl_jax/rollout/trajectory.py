@@ -31,6 +31,8 @@ class Trajectory:
     num_tool_calls: int = 0
     num_tool_errors: int = 0
     num_format_errors: int = 0
+    num_replies_with_text: int = 0   # tool-call replies with text around the blocks (allowed, counted)
+    num_truncated_replies: int = 0   # replies cut off by the per-call token budget (closed, then handled)
     category: str = ""
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -47,6 +49,16 @@ class Trajectory:
         self.token_ids.extend(ids)
         self.loss_mask.extend([1] * len(ids))
         self.logprobs.extend(float(x) for x in logprobs)
+
+    def rewrite_tail(self, start: int, ids) -> None:
+        """Replace every token from `start` on by `ids`, as observations (loss mask 0): the history continues from
+        a form of the last reply that the model did not sample itself."""
+        if not self.prompt_length <= start <= self.length:
+            raise ValueError(f"rewrite_tail: start {start} outside [prompt_length {self.prompt_length}, "
+                             f"length {self.length}]")
+        ids = list(ids)
+        del self.token_ids[start:], self.loss_mask[start:], self.logprobs[start:]
+        self.append_observation(ids)
 
     @property
     def length(self) -> int:
