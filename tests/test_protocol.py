@@ -139,17 +139,6 @@ def test_bad_limits_name_the_field(name, value):
         RolloutLimits(**{name: value})
 
 
-class _PromptsOfTheDefaultStyle:
-    """The real pool, asked for its default prompts whatever the style: the bfcl style's history rule below is the
-    protocol's alone and does not depend on how the environment words its prompts."""
-
-    def __init__(self, pool):
-        self.pool = pool
-
-    def open(self, entry_id, *, augment=False, reward_kind="progress", prompt_style="t3rl"):
-        return self.pool.open(entry_id, augment=augment, reward_kind=reward_kind)
-
-
 @pytest.mark.slow
 def test_bfcl_style_keeps_tool_call_replies_in_bfcl_eval_history_form(engine, pool, chat):
     # bfcl-eval's Qwen handler stores a reply with calls as content "" + the calls re-serialised (json.dumps).
@@ -158,8 +147,7 @@ def test_bfcl_style_keeps_tool_call_replies_in_bfcl_eval_history_form(engine, po
         return dict(reply, content="I will look it up.") if reply.get("tool_calls") else reply
 
     limits = RolloutLimits(max_context_tokens=6144)
-    env = _PromptsOfTheDefaultStyle(pool)
-    bfcl, t3rl = (RolloutDriver(engine, env, chat, limits=limits, script=chatty).run(
+    bfcl, t3rl = (RolloutDriver(engine, pool, chat, limits=limits, script=chatty).run(
         [EpisodeRequest(STOCK, prompt_style=style)])[0] for style in ("bfcl", "t3rl"))
     for t in (bfcl, t3rl):
         assert t.termination == "completed" and t.reward == 1.0, (t.termination, t.extras)

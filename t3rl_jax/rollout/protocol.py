@@ -25,9 +25,7 @@ Rules (T3RL's, REFERENCE.md "Recipe fidelity"):
   closed with `<|im_end|>` (loss mask 0) and handled like any other reply. The context (`max_context_tokens`) is
   the episode's only token cap: an episode that fills it ends (`context_limit`).
 - miss_func reveals: the environment's reveal message is appended as it is; in both prompt styles it carries the
-  revealed docs and the tool list stays the first turn's (T3RL's and bfcl-eval's Qwen handler both do so). A guard:
-  an environment whose reveal message does not name the revealed tools gets them appended to it in the system
-  turn's `<tools>` form, so the model always sees what it may call.
+  revealed docs and the tool list stays the first turn's (T3RL's and bfcl-eval's Qwen handler both do so).
 - `bfcl` style: bfcl-eval's Qwen handler keeps a reply with tool calls in its history as `content=""` plus the calls
   re-serialised (`json.dumps` arguments), dropping the text around them. Such a reply is rewritten to that form
   when it differs (the rewritten tokens are observations, loss mask 0; `extras["rewritten_replies"]`) and the slot
@@ -39,12 +37,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import inspect
 import json
 from collections.abc import Callable
 from typing import Any
 
-from t3rl_jax.chat_format import ChatEncoder, to_json
+from t3rl_jax.chat_format import ChatEncoder
 from t3rl_jax.rollout.trajectory import Trajectory
 from t3rl_jax.tool_calls import parse_reply_ids
 
@@ -90,40 +87,10 @@ class EpisodeRequest:
                              f"expected one of {PROMPT_STYLES}")
 
 
-def _takes_prompt_style(pool) -> bool:
-    try:
-        parameters = inspect.signature(pool.open).parameters
-    except (TypeError, ValueError):
-        return True
-    return "prompt_style" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-
-
 def open_remote(pool, request: EpisodeRequest):
     """Open the request's episode in the pool (`started` resolves to its EpisodeStart)."""
-    kwargs: dict[str, Any] = dict(augment=request.augment, reward_kind=request.reward_kind)
-    if _takes_prompt_style(pool):
-        kwargs["prompt_style"] = request.prompt_style
-    elif request.prompt_style != "t3rl":
-        # A pool from before prompt styles renders the t3rl form only; another style would be silently wrong.
-        raise ValueError(f"{type(pool).__name__}.open takes no prompt_style, so episode {request.entry_id!r} "
-                         f"cannot use prompt_style={request.prompt_style!r}")
-    return pool.open(request.entry_id, **kwargs)
-
-
-def _tool_name(tool: dict) -> str:
-    function = tool.get("function") if isinstance(tool.get("function"), dict) else tool
-    return str(function.get("name", ""))
-
-
-def _show_revealed(messages: list[dict], revealed: list[dict]) -> list[dict]:
-    """The reveal message, with the tools appended unless it already names every one of them."""
-    content = messages[-1].get("content") or ""
-    if all(_tool_name(t) and _tool_name(t) in content for t in revealed):
-        return messages
-    # The system turn's <tools> block is already in the KV cache: show the new tools in the same form here.
-    listing = "\n".join(to_json(t) for t in revealed)
-    messages[-1] = dict(messages[-1], content=f"{content}\n<tools>\n{listing}\n</tools>")
-    return messages
+    return pool.open(request.entry_id, augment=request.augment, reward_kind=request.reward_kind,
+                     prompt_style=request.prompt_style)
 
 
 def _is_tool_error(result: str) -> bool:
@@ -262,10 +229,7 @@ class EpisodeProtocol:
             return self._end("completed", cut_off_turn=False)
         if t.num_model_calls >= self.limits.max_model_calls:
             return self._end("max_model_calls", cut_off_turn=False)
-        messages = [dict(m) for m in turn_end.next_messages]
-        if turn_end.revealed_tools:
-            messages = _show_revealed(messages, list(turn_end.revealed_tools))
-        self._observe(carry + messages)
+        self._observe(carry + [dict(m) for m in turn_end.next_messages])
 
     def _observe(self, messages: list[dict]) -> None:
         delta = self.chat.delta_ids(messages, close_assistant=self._close_reply)
