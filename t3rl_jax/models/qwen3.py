@@ -224,7 +224,8 @@ class Qwen3(nnx.Module):
         return self.activation_constraint(logits, axes)
 
     def hidden_states(self, tokens, positions, segment_ids, kv_cache: kvc.KVCache | None = None, *,
-                      cache_window: int | None = None, layer_params: list[dict] | None = None):
+                      cache_window: int | None = None, layer_params: list[dict] | None = None,
+                      layer_cache_fn: Callable | None = None):
         """Final-normed hidden states [B, T, E]; with a cache returns (hidden, new_cache).
 
         `cache_window` (static) lets the new tokens attend over only the first `cache_window` cache slots: attention
@@ -233,6 +234,9 @@ class Qwen3(nnx.Module):
         `layer_params` (cached path only): `self.layers.per_layer(compute_dtype)` computed once outside a decode
         loop. XLA does not hoist the per-layer weight slices (nor casts) out of a while loop, so without it every
         decode step copies every weight.
+        `layer_cache_fn(i)` (instead of `kv_cache`): layer i's cache object, made by the caller (`decoder_layer`'s
+        `write` / `visible` / `mask`); returns (hidden, [each layer's updated cache object]). Made when its layer
+        runs, so whatever it gathers is live only around that layer.
         """
         cfg = self.config
         _check_inputs(tokens, positions, segment_ids)
@@ -248,6 +252,13 @@ class Qwen3(nnx.Module):
 
         if self.remat_policy != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat_policy])
+        if layer_cache_fn is not None:
+            per_layer = self.layers.per_layer() if layer_params is None else layer_params
+            caches = []
+            for i, p in enumerate(per_layer):
+                x, cache = layer(x, p, layer_cache_fn(i))
+                caches.append(cache)
+            return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), caches
         if kv_cache is not None:
             per_layer = self.layers.per_layer() if layer_params is None else layer_params
             x, kv_cache = self._cached_layers(layer, x, per_layer, kv_cache, positions, segment_ids, cache_window)
