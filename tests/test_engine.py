@@ -310,6 +310,27 @@ def test_loop_body_collectives_finds_float_collectives_of_every_kind():
     assert found and all(re.search(r"f32\[", line) for line in found), found
 
 
+def test_long_extend_goes_in_query_tiles_and_equals_transformers(hf_and_model):
+    # 300 + 200 tokens: more than one attention tile (kv_cache.EXTEND_QUERY_BLOCK queries) per extend, the second
+    # on top of the slot's history; the sampled log-probs equal a full transformers forward.
+    from t3rl_jax.models.kv_cache import EXTEND_QUERY_BLOCK
+
+    hf, model = hf_and_model
+    engine = Qwen3Engine(model, max_concurrent_decodes=2, max_prefill_length=512, max_cache_length=1024,
+                         sampling=SamplingSettings(temperature=1.0), stop_ids=STOP)
+    rng = np.random.default_rng(4)
+    first, second = rng.integers(1, 512, 300).tolist(), rng.integers(1, 512, 200).tolist()
+    assert len(first) > 2 * EXTEND_QUERY_BLOCK
+    state, tok1, lp1, _ = engine.extend_slot(None, engine.init_decode_state(), 1, first, reset=True, seed=3)
+    state = engine.finish_slot(state, 1, len(first))  # drop the sampled token: the next extend continues the prompt
+    state, tok2, lp2, length = engine.extend_slot(None, state, 1, second, reset=False)
+    assert int(length) == 500
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.as_tensor([first + second])).logits[0].float(), -1)
+    np.testing.assert_allclose([float(lp1), float(lp2)], [float(ref[299, int(tok1)]), float(ref[499, int(tok2)])],
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_prefill_buckets_are_few_and_tight():
     assert [prefill_bucket(n, 8192) for n in (1, 16, 17, 700, 1024, 1025, 2148, 8000)] == \
         [16, 16, 32, 1024, 1024, 2048, 3072, 8192]

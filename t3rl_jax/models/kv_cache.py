@@ -121,6 +121,9 @@ def clear_rows(cache: KVCache, rows_to_clear: jax.Array) -> KVCache:
                                lengths=jnp.where(keep, cache.lengths, 0))
 
 
+EXTEND_QUERY_BLOCK = 128
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SlotRowsLayerCache:
@@ -142,6 +145,9 @@ class SlotRowsLayerCache:
     slots: jax.Array  # [N] output slots (B: padding, dropped)
     sources: jax.Array  # [N] computed row of each output slot
     slot_write_idx: jax.Array  # [N, T] where each new token goes in its output slot (S: dropped)
+    # Queries per attention tile: scores of one tile are [U, Hq, query_block, W] f32 (at 512 queries x 18,432 cached
+    # tokens x 32 heads, 1.1 GiB per row), so long extends against a full window go in smaller tiles.
+    query_block: int = dataclasses.field(default=EXTEND_QUERY_BLOCK, metadata=dict(static=True))
 
     def write(self, k, v) -> "SlotRowsLayerCache":
         """k, v: [U, T, Hkv, D] of this call's tokens."""

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from t3rl_jax.models import kv_cache as kvc
-from t3rl_jax.models.attention import attend, attention_mask, cache_attention
+from t3rl_jax.models.attention import CACHE_QUERY_BLOCK, attend, attention_mask, cache_attention
 from t3rl_jax.models.embedding import take_embedding
 from t3rl_jax.models.model_config import Qwen3Config
 
@@ -118,7 +118,7 @@ def decoder_layer(p: dict, x, cos, sin, positions, segment_ids, rt: _Runtime, ca
     else:
         cache = cache.write(k, v)
         k_seen, v_seen = cache.visible()
-        attn = cache_attention(q, k_seen.astype(cdt), v_seen.astype(cdt), cache.mask)
+        attn = cache_attention(q, k_seen.astype(cdt), v_seen.astype(cdt), cache.mask, query_block=cache.query_block)
     x = x + jnp.einsum("bthd,hde->bte", attn.astype(cdt), p["o_proj"])
     h = rms_norm(x, p["post_attention_norm"], rt.eps)
     gate = rt.constrain(jnp.einsum("bte,em->btm", h, p["gate_proj"]), ("batch", "length", "mlp"))
@@ -137,6 +137,7 @@ class _LayerCache:
     write_idx: jax.Array  # [B, T] slots for the new tokens (S = dropped)
     mask: jax.Array  # [B, T, W] visibility of the first W cache slots, after this call's writes
     window: int = dataclasses.field(metadata=dict(static=True))
+    query_block: int = dataclasses.field(default=CACHE_QUERY_BLOCK, metadata=dict(static=True))
 
     def write(self, k, v) -> "_LayerCache":
         # Per row (vmap): the scatter then has a batch dimension, which keeps it local to the devices holding

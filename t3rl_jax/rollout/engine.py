@@ -102,11 +102,13 @@ class Qwen3Engine(engine_api.Engine):
                  cache_dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None, seed: int = 0,
                  stop_ids: tuple[int, ...] = (151645, 151643), valid_vocab_size: int | None = None):
         """`valid_vocab_size`: ids at or above it are never sampled (the embedding's padding rows); default the
-        tokenizer's vocabulary size when a tokenizer is given, else the model's (nothing masked)."""
+        tokenizer's vocabulary size when a tokenizer is given, else the model's (nothing masked): callers without
+        a tokenizer should pass it (151,669 for Qwen3)."""
         if max_prefill_length > max_cache_length:
             raise ValueError(f"max_prefill_length {max_prefill_length} > max_cache_length {max_cache_length}")
         if valid_vocab_size is None and tokenizer is not None:
-            valid_vocab_size = tokenizer.vocab_size
+            # A tiny test model may have fewer rows than the real tokenizer has ids: it can only sample its own.
+            valid_vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)
         if valid_vocab_size is not None and not 0 < valid_vocab_size <= model.config.vocab_size:
             raise ValueError(f"valid_vocab_size {valid_vocab_size} outside [1, the model's vocab_size "
                              f"{model.config.vocab_size}] (a tokenizer larger than the embedding?)")
