@@ -257,7 +257,9 @@ class Qwen3(nnx.Module):
             per_layer = self.layers.per_layer() if layer_params is None else layer_params
             caches = []
             for i, p in enumerate(per_layer):
-                x, cache = layer(x, p, layer_cache_fn(i))
+                # The barrier makes the next layer wait for this layer's cache writes: left free, XLA deferred them
+                # and kept every layer's pending updates live at once.
+                x, cache = jax.lax.optimization_barrier(layer(x, p, layer_cache_fn(i)))
                 caches.append(cache)
             return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), caches
         if kv_cache is not None:
