@@ -336,3 +336,30 @@ def test_prefill_buckets_are_few_and_tight():
         [16, 16, 32, 1024, 1024, 2048, 3072, 8192]
     with pytest.raises(ValueError, match="max_prefill_length"):
         prefill_bucket(9000, 8192)
+
+
+@pytest.mark.slow
+def test_h200_decode_loop_has_no_conditional_and_no_float_collective():
+    """The decode loop compiled for 8 H200s (compile-only devices): no `conditional` anywhere (a data-dependent
+    branch in a GPU loop is a device-to-host round trip per step) and no float collective inside the loop."""
+    import jax.numpy as jnp
+
+    from t3rl_jax import model_factory
+    from t3rl_jax import sharding as sh
+    from t3rl_jax.accel import targets
+    from t3rl_jax.config import config_from_argv
+
+    try:
+        mesh = targets.mesh_for("h200", dict(zip(sh.MESH_AXES, (1, 8, 1, 1))))
+    except targets.TargetError as e:
+        pytest.skip(str(e))
+    cfg, _ = config_from_argv(["--config=tiny", "--config.model.num_layers=1"])
+    bundle = model_factory.build(cfg, mesh, sh.logical_axis_rules(fsdp_over_sequence=True))
+    engine = Qwen3Engine(bundle.rollout_model(bundle.abstract_params), max_concurrent_decodes=8,
+                         max_prefill_length=64, max_cache_length=256, mesh=mesh, cache_dtype=jnp.bfloat16,
+                         sampling=SamplingSettings(temperature=1.0, top_p=0.9), valid_vocab_size=151_669)
+    jitted, args, static = engine.compile_targets(bundle.abstract_params)["decode_loop"]
+    hlo = jitted.trace(*args, **static).lower().compile().as_text()
+    assert "while(" in hlo
+    assert not re.findall(r"\sconditional\(", hlo)
+    assert not loop_body_collectives(hlo), loop_body_collectives(hlo)
