@@ -230,14 +230,14 @@ class Qwen3Engine(engine_api.Engine):
             segment_ids=jnp.pad(src.segment_ids, ((0, 0), (0, pad)), constant_values=PAD_SEGMENT),
             lengths=src.lengths)
         token = prefix["token"][0]
-        return DecodeState(
+        return self._constrain_state(DecodeState(
             cache=kvc.insert_rows(state.cache, row, slot),
             tokens=state.tokens.at[slot].set(token),
             active=state.active.at[slot].set(~jnp.isin(token, self._stop_ids)),
             seeds=state.seeds.at[slot].set(prefix["seed"][0]),
             temperature=state.temperature.at[slot].set(self.sampling.temperature),
             top_p=state.top_p.at[slot].set(self.sampling.top_p),
-            limits=state.limits.at[slot].set(self.max_cache_length))
+            limits=state.limits.at[slot].set(self.max_cache_length)))
 
     def insert(self, prefix, decode_state: DecodeState, slot: int) -> DecodeState:
         if prefix["cache"].max_len > self.max_cache_length:
