@@ -35,8 +35,11 @@ def _hf_greedy(hf, prompt, n):
 
 
 def test_greedy_matches_transformers_generate_via_extend_and_generate(hf_and_model):
+    from t3rl_jax.rollout.backend import RolloutBackend
+
     hf, model = hf_and_model
     engine = _engine(model)
+    assert isinstance(engine, RolloutBackend)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, 512, n).tolist() for n in (5, 17, 30, 9)]
     n_new = 12
