@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from t3rl_jax.model_loading import add_model_source_args, load_model_from_args, split_config_args
-from t3rl_jax.rollout.engine import Qwen3Engine, QwenJetStreamTokenizer, SamplingSettings
-from t3rl_jax.rollout.jetstream_compat import engine_api, import_orchestrator
+from t3rl_jax.rollout.engine import Qwen3Engine, SamplingSettings
+from t3rl_jax.rollout.jetstream_api import QwenJetStreamTokenizer, engine_api, import_orchestrator, pack_result_tokens
 from t3rl_jax.tokenizer import load_tokenizer
 
 LOOPBACK = "127.0.0.1"
@@ -104,15 +104,12 @@ class ServingEngine(engine_api.Engine):
 
     def _emit_impl(self, fed, unsent, emitted, sampled, valid):
         emitted = emitted + unsent.astype(jnp.int32)
-        data = jnp.stack([fed, unsent.astype(jnp.int32), emitted], axis=1)
-        return valid & ~jnp.isin(sampled, self._stop_ids), emitted, data
+        return valid & ~jnp.isin(sampled, self._stop_ids), emitted, pack_result_tokens(fed, unsent, emitted)
 
     def generate(self, params, decode_state: ServingState):
         fed = jnp.copy(decode_state.inner.tokens)  # generate_steps donates the state it is given
         inner, tokens, _, valid, _ = self.inner.generate_steps(params, decode_state.inner, 1)
-        unsent, emitted, data = self._emit(fed, decode_state.unsent, decode_state.emitted, tokens[0], valid[0])
-        result = engine_api.ResultTokens(data=data, tokens_idx=(0, 1), valid_idx=(1, 2), length_idx=(2, 3),
-                                         samples_per_slot=1)
+        unsent, emitted, result = self._emit(fed, decode_state.unsent, decode_state.emitted, tokens[0], valid[0])
         return ServingState(inner, unsent, emitted), result
 
     def init_decode_state(self, *args, **kwargs) -> ServingState:

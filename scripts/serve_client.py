@@ -15,7 +15,7 @@ import time
 
 import grpc
 
-from t3rl_jax.rollout.jetstream_compat import engine_api  # noqa: F401  (JetStream's import fixes come first)
+from t3rl_jax.rollout.jetstream_api import engine_api  # noqa: F401  (JetStream's import fixes come first)
 from jetstream.core.proto import jetstream_pb2, jetstream_pb2_grpc  # noqa: E402
 
 from t3rl_jax.chat_format import ChatEncoder  # noqa: E402

@@ -35,8 +35,11 @@ def _hf_greedy(hf, prompt, n):
 
 
 def test_greedy_matches_transformers_generate_via_extend_and_generate(hf_and_model):
+    from t3rl_jax.rollout.backend import RolloutBackend
+
     hf, model = hf_and_model
     engine = _engine(model)
+    assert isinstance(engine, RolloutBackend)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, 512, n).tolist() for n in (5, 17, 30, 9)]
     n_new = 12
@@ -211,35 +214,124 @@ def test_decoding_within_a_context_bound_equals_the_full_cache(hf_and_model):
     assert int(length) == 130
 
 
-def test_decode_state_is_sharded_over_the_batch_axes_and_decodes_like_one_device(hf_and_model):
+FLOAT_COLLECTIVE = re.compile(r"=\s*(?P<type>[^=]*?)\s(?P<op>all-reduce|all-gather|all-to-all|reduce-scatter|"
+                              r"collective-permute)(-start)?\(")
+
+
+def loop_body_collectives(hlo: str) -> list[str]:
+    """Collective instructions with a float result inside every while-loop body of a compiled module (nested
+    loops included)."""
+    computations = {}
+    for block in hlo.split("\n\n"):
+        header = block.strip().split("\n", 1)[0]
+        m = re.match(r"(?:ENTRY\s+)?%?([\w.\-]+)\s", header)
+        if m:
+            computations[m.group(1)] = block
+    bodies, todo = set(), [n for block in computations.values() for n in re.findall(r"body=%?([\w.\-]+)", block)]
+    while todo:
+        name = todo.pop()
+        if name in bodies or name not in computations:
+            continue
+        bodies.add(name)
+        todo += re.findall(r"(?:body|calls|to_apply|branch_computations=\{)=?%?([\w.\-]+)", computations[name])
+    assert bodies, "no while loop found in the compiled decode"
+    found = []
+    for name in bodies:
+        for line in computations[name].splitlines():
+            m = FLOAT_COLLECTIVE.search(line)
+            if m and re.search(r"\b(f16|bf16|f32|f64)\[", m.group("type")):
+                found.append(line.strip())
+    return found
+
+
+def test_decode_state_is_split_over_every_mesh_axis_and_decodes_like_one_device(hf_and_model):
     import jax
     from flax import nnx
 
     from t3rl_jax import sharding as sh
 
     _, model = hf_and_model
-    mesh = sh.make_mesh({"data": 2, "fsdp": 4, "tensor": 1, "sequence": 1})
+    mesh = sh.make_mesh({"data": 2, "fsdp": 2, "tensor": 1, "sequence": 2})
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    on_mesh = nnx.merge(graphdef, jax.device_put(params, sh.state_shardings(params, mesh)), rest)  # FSDP weights
-    engines = [_engine(on_mesh, slots=8, mesh=mesh), _engine(model, slots=8)]
+    rules = sh.logical_axis_rules(fsdp_over_sequence=True)  # stage 2's weights: embed over fsdp x sequence
+    on_mesh = nnx.merge(graphdef, jax.device_put(params, sh.state_shardings(params, mesh, rules)), rest)
+    sampled = SamplingSettings(temperature=1.0, top_p=0.9)
+    engines = [_engine(on_mesh, slots=8, mesh=mesh, sampling=sampled, valid_vocab_size=500),
+               _engine(model, slots=8, sampling=sampled, valid_vocab_size=500)]
     state = engines[0].init_decode_state()
     for leaf in jax.tree.leaves(state):  # every device holds its own slot of every buffer, nothing more
-        assert leaf.sharding.spec[0] == ("data", "fsdp")
+        assert leaf.sharding.spec[0] == ("data", "fsdp", "sequence")
         assert {shard.data.shape[0] for shard in leaf.addressable_shards} == {1}
-    requests = [ExtendRequest(s, list(range(2 + s, 12 + 3 * s)), reset=True, seed=s) for s in range(8)]
+    # Several computed rows (a shared prompt fanned out, distinct prompts) and a continuing slot, then decode:
+    # a slot's tokens depend only on (seed, position), so the mesh gives exactly the one-device tokens.
+    shared = list(range(40, 61))
+    requests = [ExtendRequest(s, shared if s % 3 == 0 else list(range(2 + s, 12 + 3 * s)), reset=True, seed=s)
+                for s in range(8)]
+    more = [ExtendRequest(5, [7, 8, 9], reset=False), ExtendRequest(1, shared, reset=True, seed=21)]
     outputs = []
     for engine in engines:
-        state, first, _, _ = engine.extend_slots(None, engine.init_decode_state(), requests)
-        outputs.append((np.asarray(first), _decode_all(engine, state, 5)[1]))
-    np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
-    np.testing.assert_array_equal(outputs[0][1], outputs[1][1])
-    # Inside the decode loop nothing float crosses devices: weights are gathered once per call and every cache
-    # write stays on the device holding its slot (only a few per-slot ints/flags are exchanged per step).
-    hlo = engines[0].generate_function.lower(engines[0].params, engines[0].init_decode_state(),
-                                             num_steps=4).compile().as_text()
-    loop_bodies = [c for c in hlo.split("\n\n") if "_spmd" in c.split("\n", 1)[0] and "ENTRY" not in c[:6]]
-    gathers = [line for c in loop_bodies for line in c.splitlines() if re.search(r"all-gather(-start)?\(", line)]
-    assert loop_bodies and not [g for g in gathers if re.search(r"= (f32|bf16)\[", g)], gathers
+        state, first, first_lp, _ = engine.extend_slots(None, engine.init_decode_state(), requests)
+        state, toks, lps, _ = _decode_all(engine, state, 5)[:4]
+        state, again, again_lp, lengths = engine.extend_slots(None, state, more)
+        state, last = _decode_all(engine, state, 3)[:2]
+        outputs.append([np.asarray(x) for x in (first, first_lp, toks, lps, again, again_lp, lengths, last)])
+    state = engines[0].finish_slot(engines[0].init_decode_state(), 3, 0)
+    assert [leaf.sharding.spec[0] for leaf in jax.tree.leaves(state)] == [("data", "fsdp", "sequence")] * len(
+        jax.tree.leaves(state))  # calls keep the state's placement
+    for got, want in zip(*outputs):
+        if got.dtype.kind == "f":
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(got, want)
+    assert int(outputs[0][6][0]) == 20 + 5 + 3  # slot 5: its 20-token prompt, 5 decoded tokens fed, then 3 more
+    # Inside the decode loop no float crosses devices: the weights and the embedding table are gathered once per
+    # call and every cache write stays on the device holding its slot (only per-slot ints and flags move).
+    engine = engines[0]
+    hlo = engine.generate_function.lower(engine.params, engine.init_decode_state(), num_steps=4).compile().as_text()
+    assert not loop_body_collectives(hlo), loop_body_collectives(hlo)
+
+
+def test_loop_body_collectives_finds_float_collectives_of_every_kind():
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from t3rl_jax import sharding as sh
+
+    mesh = sh.make_mesh({"data": 8, "fsdp": 1, "tensor": 1, "sequence": 1})
+    table = jax.device_put(jnp.ones((64, 16)), NamedSharding(mesh, P(None, "data")))
+
+    def decode(table, tokens):  # a lookup into an embed-sharded table: what the decode loop did before
+        def body(carry, _):
+            x, tokens = carry
+            rows = jax.lax.with_sharding_constraint(jnp.take(table, tokens, axis=0) + x, NamedSharding(mesh, P("data")))
+            return (rows, (tokens + 1) % 64), None
+        return jax.lax.scan(body, (jnp.zeros((8, 16)), tokens), None, length=3)[0]
+
+    tokens = jax.device_put(jnp.arange(8), NamedSharding(mesh, P("data")))
+    found = loop_body_collectives(jax.jit(decode).lower(table, tokens).compile().as_text())
+    assert found and all(re.search(r"f32\[", line) for line in found), found
+
+
+def test_long_extend_goes_in_query_tiles_and_equals_transformers(hf_and_model):
+    # 300 + 200 tokens: more than one attention tile (kv_cache.EXTEND_QUERY_BLOCK queries) per extend, the second
+    # on top of the slot's history; the sampled log-probs equal a full transformers forward.
+    from t3rl_jax.models.kv_cache import EXTEND_QUERY_BLOCK
+
+    hf, model = hf_and_model
+    engine = Qwen3Engine(model, max_concurrent_decodes=2, max_prefill_length=512, max_cache_length=1024,
+                         sampling=SamplingSettings(temperature=1.0), stop_ids=STOP)
+    rng = np.random.default_rng(4)
+    first, second = rng.integers(1, 512, 300).tolist(), rng.integers(1, 512, 200).tolist()
+    assert len(first) > 2 * EXTEND_QUERY_BLOCK
+    state, tok1, lp1, _ = engine.extend_slot(None, engine.init_decode_state(), 1, first, reset=True, seed=3)
+    state = engine.finish_slot(state, 1, len(first))  # drop the sampled token: the next extend continues the prompt
+    state, tok2, lp2, length = engine.extend_slot(None, state, 1, second, reset=False)
+    assert int(length) == 500
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.as_tensor([first + second])).logits[0].float(), -1)
+    np.testing.assert_allclose([float(lp1), float(lp2)], [float(ref[299, int(tok1)]), float(ref[499, int(tok2)])],
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_prefill_buckets_are_few_and_tight():
@@ -247,3 +339,30 @@ def test_prefill_buckets_are_few_and_tight():
         [16, 16, 32, 1024, 1024, 2048, 3072, 8192]
     with pytest.raises(ValueError, match="max_prefill_length"):
         prefill_bucket(9000, 8192)
+
+
+@pytest.mark.slow
+def test_h200_decode_loop_has_no_conditional_and_no_float_collective():
+    """The decode loop compiled for 8 H200s (compile-only devices): no `conditional` anywhere (a data-dependent
+    branch in a GPU loop is a device-to-host round trip per step) and no float collective inside the loop."""
+    import jax.numpy as jnp
+
+    from t3rl_jax import model_factory
+    from t3rl_jax import sharding as sh
+    from t3rl_jax.accel import targets
+    from t3rl_jax.config import config_from_argv
+
+    try:
+        mesh = targets.mesh_for("h200", dict(zip(sh.MESH_AXES, (1, 8, 1, 1))))
+    except targets.TargetError as e:
+        pytest.skip(str(e))
+    cfg, _ = config_from_argv(["--config=tiny", "--config.model.num_layers=1"])
+    bundle = model_factory.build(cfg, mesh, sh.logical_axis_rules(fsdp_over_sequence=True))
+    engine = Qwen3Engine(bundle.rollout_model(bundle.abstract_params), max_concurrent_decodes=8,
+                         max_prefill_length=64, max_cache_length=256, mesh=mesh, cache_dtype=jnp.bfloat16,
+                         sampling=SamplingSettings(temperature=1.0, top_p=0.9), valid_vocab_size=151_669)
+    jitted, args, static = engine.compile_targets(bundle.abstract_params)["decode_loop"]
+    hlo = jitted.trace(*args, **static).lower().compile().as_text()
+    assert "while(" in hlo
+    assert not re.findall(r"\sconditional\(", hlo)
+    assert not loop_body_collectives(hlo), loop_body_collectives(hlo)

@@ -3,7 +3,7 @@ import sys
 
 
 def test_importing_jetstream_keeps_tensorflow_out():
-    code = ("import sys; import t3rl_jax.rollout.jetstream_compat as c; c.import_orchestrator(); "
+    code = ("import sys; import t3rl_jax.rollout.jetstream_api as c; c.import_orchestrator(); "
             "import jax; assert hasattr(jax, 'tree_map'); "
             "assert hasattr(c.engine_api.Engine, 'prefill'); "
             "print('tensorflow' in sys.modules)")
@@ -14,7 +14,7 @@ def test_importing_jetstream_keeps_tensorflow_out():
 
 def test_sentencepiece_stand_in_fails_loudly():
     import pytest
-    from t3rl_jax.rollout import jetstream_compat  # noqa: F401
+    from t3rl_jax.rollout import jetstream_api  # noqa: F401
     import seqio
     with pytest.raises(RuntimeError, match="SentencePiece"):
         seqio.vocabularies.SentencePieceVocabulary("x.model")

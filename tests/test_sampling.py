@@ -24,13 +24,66 @@ def test_temperature_sampling_matches_softmax_chi_square():
     assert p > 1e-3, (counts, expected)
 
 
-def test_logprobs_are_full_log_softmax_at_sampled_token():
+def _np_sampled_distribution(logits, temperature, top_k, top_p, valid):
+    """numpy reference: log-probs of the distribution sampling draws from (padded ids out, top-k, then top-p over
+    what top-k kept, renormalised); -inf outside the support."""
+    x = logits.astype(np.float64) / temperature
+    x[valid:] = -np.inf
+    if top_k:
+        kth = np.sort(x)[::-1][top_k - 1]
+        x = np.where(x >= kth, x, -np.inf)
+    if top_p < 1:
+        order = np.argsort(-x, kind="stable")
+        probs = _softmax(x[order])
+        before = np.cumsum(probs) - probs
+        keep = before < top_p
+        keep[0] = True
+        drop = order[~keep]
+        x[drop] = -np.inf
+    finite = np.isfinite(x)
+    out = np.full_like(x, -np.inf)
+    out[finite] = x[finite] - np.log(np.exp(x[finite] - x[finite].max()).sum()) - x[finite].max()
+    return out
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.8), (7, 0.6)])
+def test_logprobs_are_those_of_the_truncated_renormalised_distribution(top_k, top_p):
     rng = np.random.default_rng(0)
-    logits = rng.standard_normal((16, 50)).astype(np.float32) * 3
-    tokens, logprobs = sampling.sample(jax.random.key(1), jnp.asarray(logits), temperature=1.3, top_k=5,
-                                       top_p=0.8, use_top_p=True)
-    ref = jax.nn.log_softmax(jnp.asarray(logits) / 1.3, axis=-1)
-    np.testing.assert_allclose(np.asarray(logprobs), np.asarray(ref)[np.arange(16), np.asarray(tokens)], rtol=1e-6)
+    rows, vocab, valid, temperature = 32, 50, 44, 1.3
+    logits = rng.standard_normal((rows, vocab)).astype(np.float32) * 3
+    logits[:, valid:] += 20.0  # padded ids would dominate if they were not masked
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(1), i))(jnp.arange(rows))
+    tokens, logprobs = jax.jit(lambda k, x: sampling.sample_rows(
+        k, x, temperature=temperature, top_p=top_p, top_k=top_k, use_top_p=top_p < 1,
+        valid_vocab_size=valid))(keys, jnp.asarray(logits))
+    tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+    ref = np.stack([_np_sampled_distribution(row, temperature, top_k, top_p, valid) for row in logits])
+    assert np.all(np.isfinite(ref[np.arange(rows), tokens])), "a token outside the sampled support was drawn"
+    np.testing.assert_allclose(logprobs, ref[np.arange(rows), tokens], rtol=1e-5, atol=1e-5)
+    # The one-key `sample` gives the same kind of value.
+    tok1, lp1 = sampling.sample(jax.random.key(2), jnp.asarray(logits), temperature=temperature, top_k=top_k,
+                                top_p=top_p, use_top_p=top_p < 1, valid_vocab_size=valid)
+    np.testing.assert_allclose(np.asarray(lp1), ref[np.arange(rows), np.asarray(tok1)], rtol=1e-5, atol=1e-5)
+
+
+def test_padded_vocabulary_ids_are_never_sampled_nor_chosen_greedily():
+    vocab, valid, n = 12, 9, 20000
+    logits = np.zeros(vocab, np.float32)
+    logits[valid:] = 5.0  # the padded rows are the most likely without the mask
+    batch = jnp.tile(jnp.asarray(logits)[None], (n, 1))
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(n))
+    fn = jax.jit(lambda k, x, t: sampling.sample_rows(k, x, temperature=t, top_p=1.0, valid_vocab_size=valid))
+    tokens, logprobs = fn(keys, batch, jnp.ones(n))
+    counts = np.bincount(np.asarray(tokens), minlength=vocab)
+    assert counts[valid:].sum() == 0
+    _, p = stats.chisquare(counts[:valid], np.full(valid, n / valid))
+    assert p > 1e-3
+    np.testing.assert_allclose(np.asarray(logprobs), np.log(1 / valid), rtol=1e-5)
+    greedy, greedy_lp = fn(keys[:4], batch[:4], jnp.zeros(4))
+    assert np.asarray(greedy).tolist() == [0] * 4
+    np.testing.assert_allclose(np.asarray(greedy_lp), np.log(1 / valid), rtol=1e-5)
+    unmasked, _ = jax.jit(lambda k, x: sampling.sample_rows(k, x, temperature=0.0, top_p=1.0))(keys[:4], batch[:4])
+    assert np.asarray(unmasked).tolist() == [valid] * 4  # what happened before the mask
 
 
 def test_greedy_rows_take_argmax_and_mixed_rows_sample():

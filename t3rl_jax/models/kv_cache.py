@@ -119,3 +119,55 @@ def clear_rows(cache: KVCache, rows_to_clear: jax.Array) -> KVCache:
     keep = ~rows_to_clear
     return dataclasses.replace(cache, segment_ids=jnp.where(keep[:, None], cache.segment_ids, PAD_SEGMENT),
                                lengths=jnp.where(keep, cache.lengths, 0))
+
+
+EXTEND_QUERY_BLOCK = 128
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotRowsLayerCache:
+    """One layer of a multi-slot extend (a `decoder_layer` cache: `write`, `visible`, `mask`).
+
+    Attention reads `rows_k` / `rows_v`: the computed rows' cached history, gathered from their base slots (only the
+    first `window` positions), with this call's keys written in. `write` also scatters this call's keys straight
+    into the decode state's buffers `k` / `v` at each output slot's positions, so a layer's gathered rows die with
+    the layer (holding every layer's gathered rows until one final scatter kept ~40 GiB live on stage 1) and only
+    the new tokens are written (rather than whole rows of `max_len`).
+    """
+
+    k: jax.Array  # [B, Hkv, D, S] the decode state's buffer
+    v: jax.Array  # [B, Hkv, S, D]
+    rows_k: jax.Array  # [U, Hkv, D, W]
+    rows_v: jax.Array  # [U, Hkv, W, D]
+    row_write_idx: jax.Array  # [U, T] where each new token goes in its row (W: padding, dropped)
+    mask: jax.Array  # [U, T, W]
+    slots: jax.Array  # [N] output slots (B: padding, dropped)
+    sources: jax.Array  # [N] computed row of each output slot
+    slot_write_idx: jax.Array  # [N, T] where each new token goes in its output slot (S: dropped)
+    # Queries per attention tile: scores of one tile are [U, Hq, query_block, W] f32 (at 512 queries x 18,432 cached
+    # tokens x 32 heads, 1.1 GiB per row), so long extends against a full window go in smaller tiles.
+    query_block: int = dataclasses.field(default=EXTEND_QUERY_BLOCK, metadata=dict(static=True))
+
+    def write(self, k, v) -> "SlotRowsLayerCache":
+        """k, v: [U, T, Hkv, D] of this call's tokens."""
+        put_k = jax.vmap(lambda buf, idx, new: buf.at[:, :, idx].set(new.transpose(1, 2, 0).astype(buf.dtype),
+                                                                    mode="drop"))
+        put_v = jax.vmap(lambda buf, idx, new: buf.at[:, idx].set(new.transpose(1, 0, 2).astype(buf.dtype),
+                                                                 mode="drop"))
+        k_out, v_out = jnp.take(k, self.sources, axis=0), jnp.take(v, self.sources, axis=0)  # [N, T, Hkv, D]
+        rows, idx = self.slots[:, None], self.slot_write_idx
+        # Advanced indices on axes (0, 3) / (0, 2) put the [N, T] index dimensions first: [N, T, Hkv, D].
+        big_k = self.k.at[rows, :, :, idx].set(k_out.astype(self.k.dtype), mode="drop")
+        big_v = self.v.at[rows, :, idx, :].set(v_out.astype(self.v.dtype), mode="drop")
+        return dataclasses.replace(self, k=big_k, v=big_v, rows_k=put_k(self.rows_k, self.row_write_idx, k),
+                                   rows_v=put_v(self.rows_v, self.row_write_idx, v))
+
+    def visible(self):
+        return self.rows_k, self.rows_v
+
+
+def gather_history(buffer: jax.Array, base_slots: jax.Array, window: int, length_axis: int) -> jax.Array:
+    """Rows `base_slots` [U] of one cache buffer, first `window` positions (out-of-range slots: zeros)."""
+    kept = jax.lax.slice_in_dim(buffer, 0, window, axis=length_axis)
+    return jnp.take(kept, base_slots, axis=0, mode="fill", fill_value=0)

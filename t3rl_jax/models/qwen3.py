@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from t3rl_jax.models import kv_cache as kvc
-from t3rl_jax.models.attention import attend, attention_mask, cache_attention
+from t3rl_jax.models.attention import CACHE_QUERY_BLOCK, attend, attention_mask, cache_attention
 from t3rl_jax.models.embedding import take_embedding
 from t3rl_jax.models.model_config import Qwen3Config
 
@@ -118,7 +118,7 @@ def decoder_layer(p: dict, x, cos, sin, positions, segment_ids, rt: _Runtime, ca
     else:
         cache = cache.write(k, v)
         k_seen, v_seen = cache.visible()
-        attn = cache_attention(q, k_seen.astype(cdt), v_seen.astype(cdt), cache.mask)
+        attn = cache_attention(q, k_seen.astype(cdt), v_seen.astype(cdt), cache.mask, query_block=cache.query_block)
     x = x + jnp.einsum("bthd,hde->bte", attn.astype(cdt), p["o_proj"])
     h = rms_norm(x, p["post_attention_norm"], rt.eps)
     gate = rt.constrain(jnp.einsum("bte,em->btm", h, p["gate_proj"]), ("batch", "length", "mlp"))
@@ -137,6 +137,7 @@ class _LayerCache:
     write_idx: jax.Array  # [B, T] slots for the new tokens (S = dropped)
     mask: jax.Array  # [B, T, W] visibility of the first W cache slots, after this call's writes
     window: int = dataclasses.field(metadata=dict(static=True))
+    query_block: int = dataclasses.field(default=CACHE_QUERY_BLOCK, metadata=dict(static=True))
 
     def write(self, k, v) -> "_LayerCache":
         # Per row (vmap): the scatter then has a batch dimension, which keeps it local to the devices holding
@@ -224,7 +225,8 @@ class Qwen3(nnx.Module):
         return self.activation_constraint(logits, axes)
 
     def hidden_states(self, tokens, positions, segment_ids, kv_cache: kvc.KVCache | None = None, *,
-                      cache_window: int | None = None, layer_params: list[dict] | None = None):
+                      cache_window: int | None = None, layer_params: list[dict] | None = None,
+                      layer_cache_fn: Callable | None = None):
         """Final-normed hidden states [B, T, E]; with a cache returns (hidden, new_cache).
 
         `cache_window` (static) lets the new tokens attend over only the first `cache_window` cache slots: attention
@@ -233,6 +235,9 @@ class Qwen3(nnx.Module):
         `layer_params` (cached path only): `self.layers.per_layer(compute_dtype)` computed once outside a decode
         loop. XLA does not hoist the per-layer weight slices (nor casts) out of a while loop, so without it every
         decode step copies every weight.
+        `layer_cache_fn(i)` (instead of `kv_cache`): layer i's cache object, made by the caller (`decoder_layer`'s
+        `write` / `visible` / `mask`); returns (hidden, [each layer's updated cache object]). Made when its layer
+        runs, so whatever it gathers is live only around that layer.
         """
         cfg = self.config
         _check_inputs(tokens, positions, segment_ids)
@@ -248,6 +253,15 @@ class Qwen3(nnx.Module):
 
         if self.remat_policy != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat_policy])
+        if layer_cache_fn is not None:
+            per_layer = self.layers.per_layer() if layer_params is None else layer_params
+            caches = []
+            for i, p in enumerate(per_layer):
+                # The barrier makes the next layer wait for this layer's cache writes: left free, XLA deferred them
+                # and kept every layer's pending updates live at once.
+                x, cache = jax.lax.optimization_barrier(layer(x, p, layer_cache_fn(i)))
+                caches.append(cache)
+            return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), caches
         if kv_cache is not None:
             per_layer = self.layers.per_layer() if layer_params is None else layer_params
             x, kv_cache = self._cached_layers(layer, x, per_layer, kv_cache, positions, segment_ids, cache_window)

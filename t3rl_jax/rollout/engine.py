@@ -11,7 +11,15 @@ Two ways in:
   O(turns x context) prefill FLOPs on BFCL conversations that reach tens of thousands of tokens.
 
 Every sampled token is drawn with a key derived from (slot seed, token position), so an episode's tokens do not
-depend on which slot it runs in or on what else is in the batch; log-probs come back with the tokens.
+depend on which slot it runs in or on what else is in the batch; log-probs come back with the tokens (those of the
+distribution sampled from, see `sampling`). Ids the tokenizer cannot produce (the embedding's padding rows) are
+never sampled.
+
+On a mesh the decode state is split over every mesh axis that divides the slots (`decode_state_shardings`); a
+decode call gathers the weights once and then each device steps its own slots with no float crossing devices.
+A multi-slot extend keeps its computed rows split over the same axes and writes each layer's new keys into the
+slots as the layer is computed. `compile_targets` hands the jitted pieces and their abstract arguments to the
+fit check.
 """
 
 from __future__ import annotations
@@ -26,13 +34,15 @@ import numpy as np
 from flax import nnx
 
 from t3rl_jax.models import kv_cache as kvc
-from t3rl_jax.models.attention import PAD_SEGMENT
+from t3rl_jax.models.attention import PAD_SEGMENT, attention_mask
 from t3rl_jax.rollout import extend_batch, sampling
 from t3rl_jax.rollout.extend_batch import ExtendRequest
-from t3rl_jax.rollout.jetstream_compat import engine_api, tokenizer_api
+from t3rl_jax.rollout.jetstream_api import (QwenJetStreamTokenizer, engine_api, logprob_column, pack_result_tokens,
+                                            tokenizer_api)
 from t3rl_jax.sharding import spec_axes
 
 MIN_CACHE_WINDOW = 16  # smallest attention window over the cache (powers of two above it bound recompiles)
+SLOT_AXES = ("data", "fsdp", "sequence")  # mesh axes the decode state's slots (and an extend's rows) split over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,64 +72,55 @@ class DecodeState:
     limits: jax.Array       # [B] int32: stop once the cache holds this many tokens
 
 
+def _decode_sharding(array, drop_leading: bool):
+    """A weight's sharding for decoding: its own without every mesh axis but `tensor` (tensor parallelism stays,
+    FSDP-style splits are gathered), without the leading `layers` entry when `drop_leading`. None when the array is
+    not on a multi-device mesh."""
+    sharding = getattr(array, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh.size == 1:
+        return None
+    spec = tuple(sharding.spec) + (None,) * (array.ndim - len(sharding.spec))
+    kept = [tuple(a for a in spec_axes(entry) if a == "tensor") or None for entry in spec[int(drop_leading):]]
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
+        *(entry[0] if entry else None for entry in kept)))
+
+
 def _decode_layer_shardings(stacked: dict) -> dict | None:
-    """Per-layer weight shardings for decoding: each stacked weight's own sharding without its `layers` entry and
-    without every mesh axis but `tensor` (tensor parallelism stays, FSDP-style splits are gathered). None when the
-    weights are not on a multi-device mesh."""
-    out = {}
-    for name, array in stacked.items():
-        sharding = getattr(array, "sharding", None)
-        if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh.size == 1:
-            return None
-        spec = tuple(sharding.spec) + (None,) * (array.ndim - len(sharding.spec))
-        kept = [tuple(a for a in spec_axes(entry) if a == "tensor") or None for entry in spec[1:]]
-        out[name] = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
-            *(entry[0] if entry else None for entry in kept)))
-    return out
+    """Per-layer decode shardings of the stacked layer weights (None off a mesh)."""
+    out = {name: _decode_sharding(array, True) for name, array in stacked.items()}
+    return None if any(v is None for v in out.values()) else out
 
 
-class QwenJetStreamTokenizer(tokenizer_api.Tokenizer):
-    """JetStream tokenizer over the Qwen3 BPE; `<|im_end|>` and `<|endoftext|>` both stop."""
-
-    def __init__(self, tokenizer):
-        self._tok = tokenizer
-
-    def encode(self, s: str, **kwargs):
-        ids = np.asarray(self._tok.encode(s), np.int32)
-        return ids, len(ids)
-
-    def decode(self, token_ids, **kwargs) -> str:
-        return self._tok.decode(token_ids)
-
-    @property
-    def pad_id(self) -> int:
-        return self._tok.pad_id
-
-    @property
-    def eos_id(self) -> int:
-        return self._tok.im_end_id
-
-    @property
-    def bos_id(self) -> int:
-        # Qwen3 has no BOS; JetStream prepends this id to token requests, so callers strip it (see serve.py).
-        return self._tok.im_start_id
-
-    @property
-    def stop_tokens(self) -> set[int]:
-        return set(self._tok.stop_ids)
+def _is_layer_path(path) -> bool:
+    first = path[0] if path else None
+    return getattr(first, "key", getattr(first, "name", None)) == "layers"
 
 
 class Qwen3Engine(engine_api.Engine):
     def __init__(self, model, *, tokenizer=None, max_concurrent_decodes: int = 8, max_prefill_length: int = 4096,
                  max_cache_length: int = 8192, sampling: SamplingSettings = SamplingSettings(),
                  cache_dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None, seed: int = 0,
-                 stop_ids: tuple[int, ...] = (151645, 151643)):
+                 stop_ids: tuple[int, ...] = (151645, 151643), valid_vocab_size: int | None = None):
+        """`valid_vocab_size`: ids at or above it are never sampled (the embedding's padding rows); default the
+        tokenizer's vocabulary size when a tokenizer is given, else the model's (nothing masked): callers without
+        a tokenizer should pass it (151,669 for Qwen3)."""
         if max_prefill_length > max_cache_length:
             raise ValueError(f"max_prefill_length {max_prefill_length} > max_cache_length {max_cache_length}")
+        if valid_vocab_size is None and tokenizer is not None:
+            # A tiny test model may have fewer rows than the real tokenizer has ids: it can only sample its own.
+            valid_vocab_size = min(tokenizer.vocab_size, model.config.vocab_size)
+        if valid_vocab_size is not None and not 0 < valid_vocab_size <= model.config.vocab_size:
+            raise ValueError(f"valid_vocab_size {valid_vocab_size} outside [1, the model's vocab_size "
+                             f"{model.config.vocab_size}] (a tokenizer larger than the embedding?)")
+        self.valid_vocab_size = valid_vocab_size
         self._graphdef, self._params, self._rest = nnx.split(model, nnx.Param, ...)
         # Read once: after a donating train step the arrays here may be deleted before update_params runs.
         self._param_shardings = jax.tree.map(lambda a: getattr(a, "sharding", None), self._params)
-        self._decode_layer_shardings = _decode_layer_shardings(model.layers.arrays())
+        self._decode_layer_shardings = _decode_layer_shardings(nnx.to_pure_dict(self._params)["layers"])
+        # The embedding table (and LM head, final norm), gathered once per decode call like the layer weights: left
+        # FSDP-sharded, every decode step's lookup and logits moved floats between devices.
+        self._decode_other_shardings = jax.tree_util.tree_map_with_path(
+            lambda path, a: None if _is_layer_path(path) else _decode_sharding(a, False), self._params)
         self.config = model.config
         self._tokenizer = tokenizer
         self._slots = max_concurrent_decodes
@@ -166,7 +167,7 @@ class Qwen3Engine(engine_api.Engine):
         logits = model.logits_from_hidden(hidden)
         keys = sampling.token_keys(seeds, positions)
         return sampling.sample_rows(keys, logits, temperature=temperature, top_p=top_p, top_k=top_k,
-                                    use_top_p=use_top_p)
+                                    use_top_p=use_top_p, valid_vocab_size=self.valid_vocab_size)
 
     def _run_chunk(self, params, cache, tokens, true_length, seed, temperature, top_p, top_k, use_top_p):
         """Append tokens[1, T] (first true_length valid) to a one-row cache; sample the next token."""
@@ -229,23 +230,36 @@ class Qwen3Engine(engine_api.Engine):
             segment_ids=jnp.pad(src.segment_ids, ((0, 0), (0, pad)), constant_values=PAD_SEGMENT),
             lengths=src.lengths)
         token = prefix["token"][0]
-        return DecodeState(
+        return self._constrain_state(DecodeState(
             cache=kvc.insert_rows(state.cache, row, slot),
             tokens=state.tokens.at[slot].set(token),
             active=state.active.at[slot].set(~jnp.isin(token, self._stop_ids)),
             seeds=state.seeds.at[slot].set(prefix["seed"][0]),
             temperature=state.temperature.at[slot].set(self.sampling.temperature),
             top_p=state.top_p.at[slot].set(self.sampling.top_p),
-            limits=state.limits.at[slot].set(self.max_cache_length))
+            limits=state.limits.at[slot].set(self.max_cache_length)))
 
     def insert(self, prefix, decode_state: DecodeState, slot: int) -> DecodeState:
         if prefix["cache"].max_len > self.max_cache_length:
             raise ValueError(f"prefix of {prefix['cache'].max_len} tokens exceeds max_cache_length")
         return self._insert_jit(prefix, decode_state, jnp.int32(slot))
 
+    def _decoding_params(self, params):
+        """Params with every weight but the stacked layers cast to the compute dtype and gathered (see __init__)."""
+        cdt = self._model(params).compute_dtype
+
+        def gather(p, sharding):
+            if sharding is None:
+                return p
+            p = p.astype(cdt) if jnp.issubdtype(p.dtype, jnp.floating) else p
+            return jax.lax.with_sharding_constraint(p, sharding)
+
+        return jax.tree.map(gather, params, self._decode_other_shardings,
+                            is_leaf=lambda x: x is None or isinstance(x, jax.sharding.Sharding))
+
     def _generate_impl(self, params, state: DecodeState, *, num_steps: int, window: int | None = None, top_k,
                        use_top_p):
-        model = self._model(params)
+        model = self._model(self._decoding_params(params))
         window = state.cache.max_len if window is None else window
         layer_params = model.layers.per_layer(model.compute_dtype)  # sliced and cast once per call, not per step
         if self._decode_layer_shardings is not None:
@@ -264,10 +278,11 @@ class Qwen3Engine(engine_api.Engine):
                                              state.temperature, state.top_p, top_k, use_top_p)
             token = jnp.where(active, token, state.tokens)
             still = active & ~jnp.isin(token, self._stop_ids) & (cache.lengths < state.limits)
-            new = dataclasses.replace(state, cache=cache, tokens=token, active=still)
+            new = self._constrain_state(dataclasses.replace(state, cache=cache, tokens=token, active=still))
             return new, (token, logprob, active, cache.lengths)
 
-        state, (tokens, logprobs, valid, lengths) = jax.lax.scan(step, state, None, length=num_steps)
+        state, (tokens, logprobs, valid, lengths) = jax.lax.scan(step, self._constrain_state(state), None,
+                                                                 length=num_steps)
         return state, tokens, logprobs, valid, lengths
 
     def generate_steps(self, params, decode_state: DecodeState, num_steps: int, *, context_bound: int | None = None):
@@ -300,11 +315,8 @@ class Qwen3Engine(engine_api.Engine):
 
     def generate(self, params, decode_state: DecodeState):
         state, tokens, logprobs, valid, lengths = self._generate_jit(params, decode_state, num_steps=1)
-        logprob_bits = jax.lax.bitcast_convert_type(logprobs[0], jnp.int32)
-        data = jnp.stack([tokens[0], valid[0].astype(jnp.int32), lengths[0], logprob_bits], axis=1)
-        result = engine_api.ResultTokens(data=data, tokens_idx=(0, 1), valid_idx=(1, 2), length_idx=(2, 3),
-                                         samples_per_slot=1)
-        return state, result
+        # The log-prob rides along as a fourth column (JetStream's orchestrator ignores it; `unpack_logprobs`).
+        return state, pack_result_tokens(tokens[0], valid[0], lengths[0], logprob_column(logprobs[0]))
 
     def _empty_decode_state(self) -> DecodeState:
         b = self._slots
@@ -321,51 +333,158 @@ class Qwen3Engine(engine_api.Engine):
             self._init_jit = jax.jit(self._empty_decode_state, out_shardings=shardings)
         return self._init_jit()
 
+    def _slot_axes(self, rows: int) -> tuple[str, ...]:
+        """Mesh axes (of SLOT_AXES, in order) that `rows` split over: each taken while the product still divides."""
+        axes, size = [], 1
+        for a in SLOT_AXES:
+            n = self._mesh.shape.get(a, 1)
+            if n > 1 and rows % (size * n) == 0:
+                axes.append(a)
+                size *= n
+        return tuple(axes)
+
     def _decode_state_shardings(self, state: DecodeState):
-        """Slots split over the mesh's batch axes when they divide evenly (the KV cache dominates rollout
-        memory), otherwise replicated; always on the same devices as the parameters."""
+        """Slots split over every slot axis that divides them (the KV cache dominates rollout memory: replicated
+        over `sequence`, stage 2 held 162 GiB of it per device), KV heads over `tensor` when it divides them;
+        always on the same devices as the parameters."""
         mesh = self._mesh
-        axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1)
-        size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-        slot_axes = axes if axes and self._slots % size == 0 else None
-        # Every field, the per-layer K/V buffers included, has the slot on axis 0.
-        spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(slot_axes))
-        return jax.tree.map(lambda _: spec, state)
+        slots = self._slot_axes(self._slots) or None
+        tensor = mesh.shape.get("tensor", 1)
+        heads = "tensor" if tensor > 1 and self.config.num_kv_heads % tensor == 0 else None
+        P = jax.sharding.PartitionSpec
+
+        def spec(*entries):
+            return jax.sharding.NamedSharding(mesh, P(*entries))
+
+        cache = state.cache
+        cache_spec = kvc.KVCache(k=tuple(spec(slots, heads) for _ in cache.k), v=tuple(spec(slots, heads) for _ in
+                                                                                      cache.v),
+                                 positions=spec(slots), segment_ids=spec(slots), lengths=spec(slots))
+        return DecodeState(cache=cache_spec, tokens=spec(slots), active=spec(slots), seeds=spec(slots),
+                           temperature=spec(slots), top_p=spec(slots), limits=spec(slots))
+
+    def decode_state_shardings(self) -> DecodeState:
+        return self._decode_state_shardings(jax.eval_shape(self._empty_decode_state))
+
+    def _constrain_state(self, state: DecodeState) -> DecodeState:
+        if self._mesh.size == 1:
+            return state
+        return jax.lax.with_sharding_constraint(state, self._decode_state_shardings(state))
+
+    def _row_sharding(self, rows: int):
+        """NamedSharding of an extend's [rows, ...] arrays: rows over the slot axes that divide them."""
+        return jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec(self._slot_axes(rows) or None))
+
+    # ------------------------------------------------------------------ ahead-of-time compilation
+    def compile_targets(self, abstract_params=None, *, prefill_tokens_per_call: int | None = None,
+                        max_prefill_rows: int = 16, decode_steps: int = 8) -> dict:
+        """The engine's jitted pieces at their largest shapes, for a fit check: {name: (jitted, abstract_args,
+        static_kwargs)}, compiled as `jitted.trace(*abstract_args, **static_kwargs).lower().compile()`.
+
+        - "decode_state": the decode state's allocation (no arguments).
+        - "extend_largest": the most rows one `extend_slots` call of the driver computes: `max_prefill_rows`
+          (the driver's MAX_PREFILL_ROWS) distinct rows of the bucket their share of `prefill_tokens_per_call`
+          (default `max_prefill_length`) pads to, at the full window.
+        - "extend_longest": one row of `max_prefill_length` tokens fanned out to `max_prefill_rows` slots (a GRPO
+          group's shared prompt), at the full window.
+        - "decode_loop": `decode_steps` decode steps at the full window.
+        `abstract_params`: ShapeDtypeStructs with shardings (default: this engine's own parameters' shapes).
+        """
+        params = self._params if abstract_params is None else abstract_params
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+                              params)
+        shardings = self.decode_state_shardings()
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             jax.eval_shape(self._empty_decode_state), shardings)
+        replicated = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec())
+        rows = min(max_prefill_rows, self._slots)
+        budget = prefill_tokens_per_call or self._max_prefill
+
+        def batch(computed: int, length: int, outputs: int):
+            tokens = extend_batch.prefill_bucket(min(length, self._max_prefill), self._max_prefill)
+            shapes = [((outputs,), jnp.int32), ((outputs,), jnp.int32), ((computed,), jnp.int32),
+                      ((computed, tokens), jnp.int32), ((computed,), jnp.int32), ((computed,), jnp.bool_),
+                      ((outputs,), jnp.uint32), ((outputs,), jnp.float32), ((outputs,), jnp.float32),
+                      ((outputs,), jnp.int32)]
+            return tuple(jax.ShapeDtypeStruct(shape, dtype, sharding=replicated) for shape, dtype in shapes)
+
+        full = dict(window=self.max_cache_length)
+        return {
+            "decode_state": (jax.jit(self._empty_decode_state, out_shardings=shardings), (), {}),
+            "extend_largest": (self._extend_jit, (params, state, *batch(rows, max(budget // rows, 1), rows)), full),
+            "extend_longest": (self._extend_jit, (params, state, *batch(1, self._max_prefill, rows)), full),
+            "decode_loop": (self._generate_jit, (params, state), dict(num_steps=decode_steps, **full)),
+        }
 
     # ------------------------------------------------------------------ driver fast path
     def _extend_impl(self, params, state: DecodeState, slots, sources, base_slots, tokens, true_lengths, resets,
                      seeds, temperature, top_p, limits, *, window, top_k, use_top_p):
         """Prefill u computed rows and fan them out to n slots (a GRPO group's shared prompt is computed once).
 
-        Computed row r extends slot base_slots[r]'s cache (emptied when resets[r]) with tokens[r, :true_lengths[r]];
+        Computed row r extends slot base_slots[r]'s history (none when resets[r]) with tokens[r, :true_lengths[r]];
         output row i (slot slots[i]) takes computed row sources[i] and samples its own first token with its own
-        seed. Padding rows point at slot B: gathered empty, dropped on the way back.
+        seed. Padding rows point at slot B: gathered empty, dropped on the way back. A continuing output row's slot
+        is its computed row's base slot (`extend_batch.pack`), so every slot gets its new tokens written at its own
+        fill level; a fresh slot is emptied first.
         """
         model = self._model(params)
-        rows = kvc.clear_rows(kvc.gather_rows(state.cache, base_slots), resets)
-        t = tokens.shape[1]
-        start = rows.lengths
+        cache = self._constrain_state(state).cache
+        u, t = tokens.shape
+        rows = self._row_sharding(u)
+
+        def split(x):  # computed rows stay split over the slot axes: no device computes (or holds) all of them
+            return jax.lax.with_sharding_constraint(x, rows) if self._mesh.size > 1 else x
+
+        tokens, true_lengths, resets, base_slots = map(split, (tokens, true_lengths, resets, base_slots))
+        held = jnp.where(resets, 0, cache.lengths.at[base_slots].get(mode="fill", fill_value=0))
+        hist_positions = split(kvc.gather_history(cache.positions, base_slots, window, 1))
+        hist_segments = split(jnp.where(resets[:, None], PAD_SEGMENT,
+                                        kvc.gather_history(cache.segment_ids, base_slots, window, 1)))
         idx = jnp.arange(t, dtype=jnp.int32)[None]
-        positions = start[:, None] + idx
+        positions = held[:, None] + idx
         segments = (idx < true_lengths[:, None]).astype(jnp.int32)
-        hidden, rows = model.hidden_states(tokens, positions, segments, rows, cache_window=window)
+        row_write = kvc.write_indices(held, segments, window)  # [u, t]; padding -> window (dropped)
+        put = jax.vmap(lambda row, i, new: row.at[i].set(new, mode="drop"))
+        row_positions = put(hist_positions, row_write, positions)
+        row_segments = put(hist_segments, row_write, segments)
+        mask = split(attention_mask(positions, row_positions, segments, row_segments))
+        # Where each output slot's new tokens go in the decode state; padding tokens -> max_len (dropped).
+        out_write = jnp.take(jnp.where(row_write < window, row_write, cache.max_len), sources, axis=0)
+
+        def layer_cache(i):
+            return kvc.SlotRowsLayerCache(
+                k=cache.k[i], v=cache.v[i],
+                rows_k=split(kvc.gather_history(cache.k[i], base_slots, window, 3)),
+                rows_v=split(kvc.gather_history(cache.v[i], base_slots, window, 2)),
+                row_write_idx=row_write, mask=mask, slots=slots, sources=sources, slot_write_idx=out_write)
+
+        hidden, layers = model.hidden_states(tokens, positions, segments, layer_cache_fn=layer_cache)
         last = jnp.take_along_axis(hidden, jnp.maximum(true_lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-        rows = jax.tree.map(lambda x: jnp.take(x, sources, axis=0), rows)
         fresh = jnp.take(resets, sources)
+        lengths = jnp.minimum(jnp.take(held + true_lengths, sources), cache.max_len)
         seeds = jnp.where(fresh, seeds, state.seeds.at[slots].get(mode="fill", fill_value=0))
-        token, logprob = self._sample_at(model, jnp.take(last, sources, axis=0), seeds, rows.lengths,
+        token, logprob = self._sample_at(model, jnp.take(last, sources, axis=0), seeds, lengths,
                                          temperature, top_p, top_k, use_top_p)
 
-        def put(x, value):
+        def put_slots(x, value):
             return x.at[slots].set(value, mode="drop")
 
+        emptied = kvc.clear_rows(cache, put_slots(jnp.zeros((cache.batch,), bool), fresh))
+        written = put_slots(jnp.zeros((cache.batch,), bool), True)
+        out_positions = jnp.take(positions, sources, axis=0)
+        out_segments = jnp.take(segments, sources, axis=0)
+        new_cache = kvc.KVCache(
+            k=tuple(c.k for c in layers), v=tuple(c.v for c in layers),
+            positions=emptied.positions.at[slots[:, None], out_write].set(out_positions, mode="drop"),
+            segment_ids=emptied.segment_ids.at[slots[:, None], out_write].set(out_segments, mode="drop"),
+            lengths=jnp.where(written, emptied.lengths.at[slots].set(lengths, mode="drop"), emptied.lengths))
         state = DecodeState(
-            cache=kvc.scatter_rows(state.cache, rows, slots),
-            tokens=put(state.tokens, token),
-            active=put(state.active, ~jnp.isin(token, self._stop_ids) & (rows.lengths < limits)),
-            seeds=put(state.seeds, seeds), temperature=put(state.temperature, temperature),
-            top_p=put(state.top_p, top_p), limits=put(state.limits, limits))
-        return state, token, logprob, rows.lengths
+            cache=new_cache,
+            tokens=put_slots(state.tokens, token),
+            active=put_slots(state.active, ~jnp.isin(token, self._stop_ids) & (lengths < limits)),
+            seeds=put_slots(state.seeds, seeds), temperature=put_slots(state.temperature, temperature),
+            top_p=put_slots(state.top_p, top_p), limits=put_slots(state.limits, limits))
+        return self._constrain_state(state), token, logprob, lengths
 
     def extend_slots(self, params, decode_state: DecodeState, requests: list[ExtendRequest], *,
                      context_bound: int | None = None):
@@ -417,7 +536,8 @@ class Qwen3Engine(engine_api.Engine):
         keep = jnp.arange(c.max_len) < length
         segs = c.segment_ids.at[slot].set(jnp.where(keep, c.segment_ids[slot], PAD_SEGMENT))
         cache = dataclasses.replace(c, segment_ids=segs, lengths=c.lengths.at[slot].set(length))
-        return dataclasses.replace(state, cache=cache, active=state.active.at[slot].set(False))
+        return self._constrain_state(dataclasses.replace(state, cache=cache,
+                                                         active=state.active.at[slot].set(False)))
 
     def finish_slot(self, decode_state: DecodeState, slot: int, length: int) -> DecodeState:
         return self._finish_jit(decode_state, jnp.int32(slot), jnp.int32(length))

@@ -1,9 +1,14 @@
 """Token sampling for rollouts: temperature, top-k, top-p, greedy, with the sampled token's log-prob.
 
-The returned log-prob is log_softmax(logits / temperature) at the sampled token, computed on the *untruncated*
-distribution. That is the quantity the trainer recomputes (it scales logits by the same temperature), so the
-rollout/trainer mismatch metrics compare like with like; top-k/top-p only decide which token is drawn. With
-temperature 0 (greedy) the log-prob is log_softmax(logits).
+The returned log-prob is that of the distribution the token was actually drawn from: softmax(logits / temperature)
+restricted to the ids the tokenizer can produce (`valid_vocab_size`; the checkpoint pads its embedding to 151,936
+rows, the tokenizer has 151,669 ids), truncated by top-k / top-p and renormalised over what is kept. That is the
+behaviour policy of the rollout, so with `algo.old_logprobs="rollout"` it is the right PPO anchor and with
+`"trainer"` the right denominator of truncated importance sampling. The trainer's own recomputation is
+log_softmax(logits / temperature) over the whole padded vocabulary and untruncated: without top-k/top-p the two
+differ only by the (tiny, after training on valid ids only) mass of padded ids; with truncation the rollout's value
+is larger by -log(kept mass), which is the rollout/trainer mismatch that metrics then show. With temperature 0
+(greedy) the log-prob is log_softmax(logits) over the valid ids at the argmax.
 """
 
 from __future__ import annotations
@@ -89,8 +94,30 @@ def inverse_cdf_draw(uniforms, logits, *, block: int = CDF_BLOCK):
     return jnp.minimum(chosen * block + picks, v - 1).astype(jnp.int32)
 
 
-def sample(rng, logits, *, temperature, top_p=1.0, top_k: int = 0, use_top_p: bool = False):
-    """Sample one token per row.
+def mask_padded_vocab(logits, valid_vocab_size: int | None):
+    """-inf at ids >= valid_vocab_size (static): padded embedding rows are never drawn and carry no mass."""
+    if valid_vocab_size is None or valid_vocab_size >= logits.shape[-1]:
+        return logits
+    if valid_vocab_size < 1:
+        raise ValueError(f"valid_vocab_size must be >= 1, got {valid_vocab_size}")
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.where(iota < valid_vocab_size, logits, _NEG_INF)
+
+
+def _logprob_at(logits, tokens):
+    """log_softmax(logits)[row, tokens[row]] without materialising the whole log_softmax."""
+    picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _truncated(scaled, top_p, top_k: int, use_top_p: bool):
+    filtered = top_k_mask(scaled, top_k)
+    return top_p_mask(filtered, top_p) if use_top_p else filtered
+
+
+def sample(rng, logits, *, temperature, top_p=1.0, top_k: int = 0, use_top_p: bool = False,
+           valid_vocab_size: int | None = None):
+    """Sample one token per row with one PRNG key for the whole batch (see `sample_rows` for per-row keys).
 
     Args:
       rng: PRNG key.
@@ -98,46 +125,45 @@ def sample(rng, logits, *, temperature, top_p=1.0, top_k: int = 0, use_top_p: bo
       temperature: scalar or [B]; 0 means greedy for that row.
       top_p: scalar or [B] (only applied when ``use_top_p``; static so the sort is compiled only when wanted).
       top_k: static int, 0 = off.
+      valid_vocab_size: static; ids at or above it are never sampled (None: every id is valid).
     Returns:
-      (tokens [B] int32, logprobs [B] float32).
+      (tokens [B] int32, logprobs [B] float32 under the distribution sampled from).
     """
-    scaled = scaled_logits(logits, temperature)
-    logprobs_all = jax.nn.log_softmax(scaled, axis=-1)
-    filtered = top_k_mask(scaled, top_k)
-    if use_top_p:
-        filtered = top_p_mask(filtered, top_p)
-    drawn = inverse_cdf_draw(jax.random.uniform(rng, logits.shape[:1]), filtered)
-    greedy = first_argmax(scaled)
-    t = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), logits.shape[:1])
-    tokens = jnp.where(t > 0, drawn, greedy).astype(jnp.int32)
-    logprobs = jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
-    return tokens, logprobs
+    keys = jax.random.split(rng, logits.shape[0])
+    return sample_rows(keys, logits, temperature=temperature, top_p=top_p, top_k=top_k, use_top_p=use_top_p,
+                       valid_vocab_size=valid_vocab_size, skip_draw_when_greedy=False)
 
 
-def sample_rows(keys, logits, *, temperature, top_p, top_k: int = 0, use_top_p: bool = False):
-    """Like `sample`, with one PRNG key per row, so a row's draw depends only on its own key.
+def sample_rows(keys, logits, *, temperature, top_p, top_k: int = 0, use_top_p: bool = False,
+                valid_vocab_size: int | None = None, skip_draw_when_greedy: bool = True):
+    """One token per row, each row drawn with its own PRNG key, so a row's draw depends only on its key.
 
     Rollouts key each token by (episode seed, token position): the same episode samples the same tokens whatever
-    slot it runs in and whatever else shares the batch. When every row is greedy (evaluation) no random draw over
-    the vocabulary is made at all.
+    slot it runs in and whatever else shares the batch. On CPU, when every row is greedy (evaluation), no random
+    draw over the vocabulary is made at all; on accelerators the draw is always made and the choice is a select,
+    because a data-dependent branch inside the decode loop is a device-to-host round trip per step there.
     """
     b = logits.shape[0]
     t = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,))
     p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,))
-    scaled = scaled_logits(logits, t)
+    scaled = scaled_logits(mask_padded_vocab(logits, valid_vocab_size), t)
     greedy = first_argmax(scaled)
 
+    def greedy_only():
+        return greedy, _logprob_at(scaled, greedy)
+
     def draw():
-        filtered = top_k_mask(scaled, top_k)
-        if use_top_p:
-            filtered = top_p_mask(filtered, p)
+        filtered = _truncated(scaled, p, top_k, use_top_p)
         uniforms = jax.vmap(lambda k: jax.random.uniform(k, ()))(keys)
         drawn = inverse_cdf_draw(uniforms, filtered).astype(jnp.int32)
-        return jnp.where(t > 0, drawn, greedy)
+        sampled = t > 0
+        tokens = jnp.where(sampled, drawn, greedy)
+        return tokens, jnp.where(sampled, _logprob_at(filtered, tokens), _logprob_at(scaled, tokens))
 
-    tokens = jax.lax.cond(jnp.any(t > 0), draw, lambda: greedy)
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
-    return tokens, logprobs
+    if not skip_draw_when_greedy:
+        return draw()
+    return jax.lax.platform_dependent(
+        cpu=lambda: jax.lax.cond(jnp.any(t > 0), draw, greedy_only), default=draw)
 
 
 def token_keys(seeds, positions):
