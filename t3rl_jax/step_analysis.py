@@ -68,7 +68,7 @@ def abstract_train_step(cfg, devices=None) -> AbstractStep:
 @dataclasses.dataclass(frozen=True)
 class Compilable:
     """One jitted function with its abstract arguments, static keyword arguments and the arguments among them
-    that are resident run state (not built for this call)."""
+    (or outputs, for an allocation) that are resident run state (not built for this call)."""
 
     name: str
     jitted: object

@@ -24,7 +24,7 @@ class FunctionReport:
     temp_bytes: int
     code_bytes: int
     compile_s: float
-    resident_argument_bytes: int  # arguments that stay resident across the run (params, optimizer/decode state)
+    resident_bytes: int  # resident run state (params, optimizer/decode state) among its arguments or outputs
     hlo_text: str = dataclasses.field(default="", repr=False)
 
     @property
@@ -34,9 +34,9 @@ class FunctionReport:
 
     @property
     def transient_bytes(self) -> int:
-        """Bytes the function needs beyond the resident state it reads (its inputs built for it, outputs,
-        temporaries): what it adds to the resident total while it runs."""
-        return self.total_bytes - self.resident_argument_bytes
+        """Bytes the function needs beyond the resident state it reads or allocates (inputs built for it, other
+        outputs, temporaries): what it adds to the resident total while it runs."""
+        return self.total_bytes - self.resident_bytes
 
 
 class CompileError(RuntimeError):
@@ -57,7 +57,8 @@ def compile_function(name: str, jitted, args: tuple, kwargs: dict | None = None,
                      keep_hlo: bool = False) -> FunctionReport:
     """Compile `jitted(*args, **kwargs)` (abstract args; kwargs are its static arguments) and measure it.
 
-    `resident`: the arguments (trees) that are resident run state, subtracted for `transient_bytes`.
+    `resident`: trees of resident run state among its arguments (or, for an allocation, its outputs), subtracted
+    for `transient_bytes`.
     """
     start = time.perf_counter()
     try:
@@ -70,7 +71,7 @@ def compile_function(name: str, jitted, args: tuple, kwargs: dict | None = None,
         name=name, argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
         alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
         code_bytes=int(mem.generated_code_size_in_bytes), compile_s=seconds,
-        resident_argument_bytes=sum(tree_bytes_per_device(r) for r in resident),
+        resident_bytes=sum(tree_bytes_per_device(r) for r in resident),
         hlo_text=compiled.as_text() if keep_hlo else "")
 
 

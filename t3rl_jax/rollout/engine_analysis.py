@@ -78,7 +78,7 @@ def _extend_args(engine, rows: int, tokens: int, outputs: int):
 
 
 def compile_targets(engine, params, *, prefill_tokens_per_call: int, max_rows: int = MAX_PREFILL_ROWS) -> dict:
-    """{name: (jitted, abstract args, static kwargs, resident args)} for the engine's functions a rollout runs:
+    """{name: (jitted, abstract args, static kwargs, resident state it reads or allocates)} for the engine's functions a rollout runs:
     "decode_state" (allocation), "extend_<rows>x<tokens>" (largest prefill buckets, attending over the whole
     cache: a slot deep in its episode), "decode_loop" (`RolloutLimits.decode_steps_per_call` steps, whole cache).
     `params`: the abstract parameters the functions are traced with.
@@ -86,13 +86,14 @@ def compile_targets(engine, params, *, prefill_tokens_per_call: int, max_rows: i
     if hasattr(engine, "compile_targets"):
         out = {}
         for name, (jitted, args, kwargs) in engine.compile_targets().items():
-            out[name] = (jitted, args, kwargs, tuple(args[:2]) if name != "decode_state" else ())
+            out[name] = (jitted, args, kwargs, tuple(args[:2]))
+        out["decode_state"] = out["decode_state"][:3] + ((out["decode_loop"][1][1],),)
         return out
     state = abstract_decode_state(engine)
     shardings = jax.tree.map(lambda a: a.sharding, state)
     allocate = jax.jit(engine._empty_decode_state, out_shardings=shardings)
     window = engine.max_cache_length
-    out = {"decode_state": (allocate, (), {}, ())}
+    out = {"decode_state": (allocate, (), {}, (state,))}  # its output is the resident state
     for rows, tokens, outputs in extend_shapes(prefill_tokens_per_call, engine.max_prefill_length,
                                                min(max_rows, engine.max_concurrent_decodes)):
         out[f"extend_{rows}x{tokens}"] = (engine._extend_jit, (params, state) + _extend_args(engine, rows, tokens,
