@@ -167,15 +167,15 @@ def main(argv=None) -> int:
         print(f"{'largest transient':>28}: {_gib(largest.transient_bytes)} GiB  ({largest.name})")
     peak = m["peak"]
     print(f"{'colocated peak per device':>28}: {_gib(peak)} GiB  ({peak / 1e9:.1f} GB)"
-          + (f"  limit {limit / 1e9:.1f} GB" if limit else ""))
+          + (f"  limit {limit / 2**30:.2f} GiB ({limit / 1e9:.1f} GB)" if limit else ""))
     status = 0
     for failure in m["failures"]:
         print(f"fit_check: {failure}", file=sys.stderr)
         status = 1
     if limit is not None and peak > limit:
+        during = f" + {largest.name} transient {largest.transient_bytes:,}" if largest else ""
         print(f"fit_check: {cfg.stage} does not fit {args.target}: peak {peak:,} bytes per device > limit "
-              f"{limit:,} (resident {resident:,} + {largest.name if largest else '-'} transient "
-              f"{largest.transient_bytes if largest else 0:,})", file=sys.stderr)
+              f"{limit:,} (resident {resident:,}{during})", file=sys.stderr)
         status = 1
     print(f"peak_per_device_bytes={peak}")
     return status
