@@ -41,13 +41,13 @@ def abstract_decode_state(engine):
 
 
 def extend_shapes(prefill_tokens_per_call: int, max_prefill: int, max_rows: int = MAX_PREFILL_ROWS):
-    """(computed rows, padded tokens, output rows) of the largest prefill calls the driver makes: the driver packs
-    requests until `prefill_cost` (computed rows rounded to a power of two x the token bucket) would pass the
-    budget, at most `max_rows` slots a call. The two extremes: one shared prompt of the longest bucket fanned out
-    to `max_rows` slots (a GRPO group starting), and `max_rows` distinct rows of the budget's share each (slots
-    resuming after tool results) - the first is the largest per-row activation, the second gathers the most
-    cache rows."""
-    shapes = [(1, _largest_bucket_at_most(prefill_tokens_per_call, max_prefill), max_rows)]
+    """(computed rows, padded tokens, output rows) of the largest prefill calls the driver makes: it packs requests
+    until `prefill_cost` (computed rows rounded up to a power of two x the token bucket) would pass the budget, at
+    most `max_rows` slots a call, and sends a request over the budget alone. The two extremes: one prompt of the
+    longest bucket (a GRPO group starting, fanned out to its slots when the budget holds it), and `max_rows`
+    distinct rows of the budget's share each (slots resuming after tool results) - the first is the longest
+    attention per row, the second gathers the most cache rows."""
+    shapes = [(1, max_prefill, max_rows if prefill_tokens_per_call >= max_prefill else 1)]
     if max_rows > 1:
         shapes.append((max_rows, _largest_bucket_at_most(prefill_tokens_per_call // max_rows, max_prefill),
                        max_rows))
