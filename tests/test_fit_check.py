@@ -87,3 +87,20 @@ def test_bad_gpu_spec_exits_2_naming_the_file(tmp_path, capsys):
 def test_unknown_target_exits_2(capsys):
     assert fit_check.main(TINY + ["--target=a100"]) == 2
     assert "unknown target 'a100'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budget,max_prefill", [(8192, 8192), (4096, 8192), (256, 256), (8192, 2048)])
+def test_extend_shapes_are_the_largest_calls_the_prefill_budget_allows(budget, max_prefill):
+    from t3rl_jax.rollout import extend_batch
+    from t3rl_jax.rollout.engine_analysis import extend_shapes
+
+    def cost(rows, tokens, outputs):
+        requests = [extend_batch.ExtendRequest(i, [i % rows + 1] * tokens, reset=True) for i in range(outputs)]
+        return extend_batch.prefill_cost(requests, max_prefill)
+
+    (one, longest, fanned), (rows, tokens, outputs) = extend_shapes(budget, max_prefill, 16)
+    assert (one, longest) == (1, max_prefill)  # a request over the budget is sent alone, so the longest always
+    assert fanned == (16 if cost(1, max_prefill, 16) <= budget else 1)
+    assert rows == outputs == 16 and cost(rows, tokens, outputs) <= budget
+    longer = extend_batch.prefill_bucket(tokens + 1, max_prefill)
+    assert longer == tokens or cost(rows, longer, outputs) > budget  # no longer bucket of 16 rows fits
