@@ -13,6 +13,8 @@ ACCEL_PKGS := jax-cuda13-plugin==0.10.2 jax-cuda13-pjrt==0.10.2 nvidia-cudnn-cu1
 # then stays compile-only too.
 export JAX_PLATFORMS ?= cpu
 export TPU_SKIP_MDS_QUERY ?= 1
+# Compile-only libtpu in several processes (pytest -n 2, parallel fit checks): skip its one-process lockfile.
+export ALLOW_MULTIPLE_LIBTPU_LOAD ?= 1
 
 .PHONY: venv demo test test-fast bench fit-check clean
 

@@ -53,6 +53,9 @@ def prepare_environment() -> None:
     """Set what the plugins need before `import jax`; harmless (and too late to matter) afterwards."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) meant for real chips; compile-only processes (test
+    # workers, several fit checks) would otherwise refuse each other.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def target(name: str) -> Target:
@@ -144,6 +147,7 @@ def compile_only_devices(name: str, num_devices: int | None = None, *, gpu_spec:
                               f"(a spec the plugin cannot parse, or jax imported before JAX_PLATFORMS=cpu was "
                               f"set)") from e
         return list(topo.devices)
+    prepare_environment()  # read by libtpu when it loads, which happens below
     kwargs = dict(t.tpu_kwargs)
     slices = max(1, n // t.devices_per_slice)
     if n != slices * t.devices_per_slice:
