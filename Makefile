@@ -13,8 +13,10 @@ ACCEL_PKGS := jax-cuda13-plugin==0.10.2 jax-cuda13-pjrt==0.10.2 nvidia-cudnn-cu1
 # then stays compile-only too.
 export JAX_PLATFORMS ?= cpu
 export TPU_SKIP_MDS_QUERY ?= 1
+# Compile-only libtpu in several processes (pytest -n 2, parallel fit checks): skip its one-process lockfile.
+export ALLOW_MULTIPLE_LIBTPU_LOAD ?= 1
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench fit-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +38,12 @@ test: venv
 
 test-fast: venv
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -m "not slow" tests
+
+# Every jitted function of each 8xH200 preset compiled for 8 H200s (no GPU needed): per-function memory and the
+# colocated peak per device; fails when a preset passes its limit. Minutes per preset on 2 cores.
+FIT_PRESETS ?= stage1 stage2 paper_stage3
+fit-check: venv
+	for c in $(FIT_PRESETS); do echo "== $$c"; $(BIN)/python scripts/fit_check.py --config=$$c --target=h200 || exit 1; done
 
 bench: venv
 	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

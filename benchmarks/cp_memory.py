@@ -1,6 +1,9 @@
-"""Compiled per-device memory of a training update vs context parallelism, on 8 fake CPU devices.
+"""Compiled per-device memory of a training update vs context parallelism, for 8 H200s (compile-only devices,
+`t3rl_jax/accel`) when the CUDA plugin is installed, else on 8 fake CPU devices (XLA:CPU keeps remat saves in f32,
+which the GPU compiler does not: its figures are larger).
 
     python benchmarks/cp_memory.py                      # full Qwen3-4B, 8k and 32k, CP 1/2/4/8
+    python benchmarks/cp_memory.py --target=cpu         # the fake CPU devices even when the plugin is there
     python benchmarks/cp_memory.py --strategies all_gather,ring --seq_lens 32768 --cps 4,8
     python benchmarks/cp_memory.py --time_attention     # also time both CP attentions (executed)
 
@@ -66,6 +69,7 @@ def main(argv=None) -> int:
     parser.add_argument("--remat", default="full")
     parser.add_argument("--compute_dtype", default="bfloat16")
     parser.add_argument("--time_attention", action="store_true")
+    parser.add_argument("--target", default="auto", help="auto (h200 when its plugin is installed), h200 or cpu")
     args = parser.parse_args(argv)
     strategies = tuple(args.strategies.split(","))
 
@@ -79,8 +83,19 @@ def main(argv=None) -> int:
     if len(jax.devices()) < DEVICES:
         raise SystemExit(f"needs {DEVICES} devices, found {len(jax.devices())} (set XLA_FLAGS before importing jax)")
 
+    from t3rl_jax.accel import targets
     from t3rl_jax.config import load_config
     from t3rl_jax.step_analysis import abstract_train_step
+
+    devices = None
+    if args.target != "cpu":
+        try:
+            devices = targets.compile_only_devices("h200", DEVICES)
+        except targets.TargetError as e:
+            if args.target == "h200":
+                raise SystemExit(f"--target=h200: {e}")
+            print(f"compiling on fake CPU devices ({e})")
+    print(f"target: {devices[0].device_kind if devices else 'cpu'} x {DEVICES}")
 
     temp = {}
     header = f"{'strategy':>10} {'seq_len':>8} {'cp':>3} {'mesh':>9} {'temp GiB':>9} {'args GiB':>9} " \
@@ -98,7 +113,7 @@ def main(argv=None) -> int:
                          "model.dtype": args.compute_dtype}
             if args.num_layers:
                 overrides["model.num_layers"] = args.num_layers
-            step = abstract_train_step(load_config("stage2", overrides))
+            step = abstract_train_step(load_config("stage2", overrides), devices)
             m = fit_check.compile_and_measure(step.grad_fn, step.grad_args)  # fwd+bwd, gradients as outputs
             temp[seq_len, cp_size] = m["temp_bytes"]
             print(f"{memory_strategy:>10} {seq_len:>8} {cp_size:>3} {','.join(map(str, mesh)):>9} "

@@ -1,6 +1,7 @@
-"""The trainer's real train step on abstract inputs: for `--config.dry_run=True`, `scripts/fit_check.py` and
-`benchmarks/cp_memory.py`. Builds mesh, model, shardings and optimizer exactly as the trainer does and allocates
-nothing."""
+"""Every jitted function a training run executes, on abstract inputs with the run's real shapes and shardings:
+for `--config.dry_run=True`, `scripts/fit_check.py` and `benchmarks/cp_memory.py`. Builds mesh, model, shardings,
+optimizer and rollout engine exactly as the run does (on the CPU's devices or a compile-only accelerator target's)
+and allocates nothing."""
 
 from __future__ import annotations
 
@@ -10,40 +11,112 @@ import jax
 import numpy as np
 
 from t3rl_jax.rl.train_step import GRPOStep
-from t3rl_jax.trainer import Trainer
+from t3rl_jax.rollout import engine_analysis
+
+
+def build_run(cfg, devices=None):
+    """(setup, make_engine): the run's mesh, model bundle, optimizer and shardings, and its engine factory
+    (params -> Qwen3Engine). The one place this module touches the trainer: once `run/setup.py` lands this
+    becomes `build_setup(cfg, devices=devices)` and its engine factory."""
+    from t3rl_jax.trainer import Trainer
+
+    trainer = Trainer(cfg, devices=devices)
+    return trainer, trainer._engine
 
 
 @dataclasses.dataclass
 class AbstractStep:
     """The real train step's jitted pieces with abstract (ShapeDtypeStruct) arguments: nothing allocated."""
 
-    trainer: Trainer
+    trainer: object          # the run setup (mesh, bundle, optimizer, shardings)
     grad_fn: object          # forward + backward of one micro-batch (gradients as outputs)
     grad_args: tuple
     accumulate_fn: object    # the same, added into a donated gradient buffer (micro-batches after the first)
     accumulate_args: tuple
     apply_fn: object
     apply_args: tuple
+    logprobs_fn: object      # the old-policy / reference log-prob pass of one micro-batch (no gradient)
+    logprobs_args: tuple
+    make_engine: object = None
+
+    @property
+    def setup(self):
+        return self.trainer
 
 
-def abstract_train_step(cfg) -> AbstractStep:
+def abstract_train_step(cfg, devices=None) -> AbstractStep:
     """One micro-batch of the config's real shapes (rows x train.max_seq_len, logits at every position)."""
-    trainer = Trainer(cfg)
-    rows, length = trainer.rows_per_micro, cfg.train.max_seq_len
-    ints = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=trainer.batch_sharding)
-    floats = jax.ShapeDtypeStruct((rows, length), np.float32, sharding=trainer.batch_sharding)
+    setup, make_engine = build_run(cfg, devices)
+    rows, length = setup.rows_per_micro, cfg.train.max_seq_len
+    ints = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=setup.batch_sharding)
+    floats = jax.ShapeDtypeStruct((rows, length), np.float32, sharding=setup.batch_sharding)
     mb = {"tokens": ints, "positions": ints, "segment_ids": ints, "targets": ints, "loss_mask": floats,
           "rollout_logprobs": floats, "advantages": floats}
-    params = trainer.bundle.abstract_params
-    step = GRPOStep(trainer.bundle.train_model(params), trainer.optimizer, trainer.step_settings,
-                    param_shardings=trainer.bundle.param_shardings, opt_shardings=trainer.opt_shardings,
-                    batch_sharding=trainer.batch_sharding)
-    slots = length if trainer.step_settings.compact_logits else None
+    params = setup.bundle.abstract_params
+    step = GRPOStep(setup.bundle.train_model(params), setup.optimizer, setup.step_settings,
+                    param_shardings=setup.bundle.param_shardings, opt_shardings=setup.opt_shardings,
+                    batch_sharding=setup.batch_sharding)
+    slots = length if setup.step_settings.compact_logits else None
     denominator = jax.ShapeDtypeStruct((), np.float32)
-    _, first, accumulate = step.functions_for(slots)
-    return AbstractStep(trainer, first, (params, mb, floats, floats, denominator),
+    logprobs, first, accumulate = step.functions_for(slots)
+    return AbstractStep(setup, first, (params, mb, floats, floats, denominator),
                         accumulate, (params, params, mb, floats, floats, denominator),
-                        step._apply, (params, trainer.abstract_opt, params))
+                        step._apply, (params, setup.abstract_opt, params),
+                        logprobs, (params, mb), make_engine)
+
+
+@dataclasses.dataclass(frozen=True)
+class Compilable:
+    """One jitted function with its abstract arguments, static keyword arguments and the arguments among them
+    (or outputs, for an allocation) that are resident run state (not built for this call)."""
+
+    name: str
+    jitted: object
+    args: tuple
+    kwargs: dict
+    resident: tuple
+
+
+@dataclasses.dataclass
+class RunFunctions:
+    """Every jitted function of a training run, and the state that stays resident on the devices throughout."""
+
+    step: AbstractStep
+    functions: list[Compilable]
+    resident: dict[str, int]  # name -> bytes per device (params, optimizer state, reference params, decode state)
+    notes: list[str]
+
+
+def run_functions(cfg, devices=None) -> RunFunctions:
+    """The gradient step (first and accumulating micro-batch), the optimizer update, the old/reference log-prob
+    pass, the decode-state allocation, the engine's multi-slot prefill at its largest buckets and the decode loop.
+    """
+    from t3rl_jax.accel.compile_report import tree_bytes_per_device
+
+    step = abstract_train_step(cfg, devices)
+    setup = step.trainer
+    params, opt = setup.bundle.abstract_params, setup.abstract_opt
+    kl_on = setup.step_settings.loss.needs_reference
+    fns = [
+        Compilable("grad_first", step.grad_fn, step.grad_args, {}, (params,)),
+        Compilable("grad_accumulate", step.accumulate_fn, step.accumulate_args, {}, (params,)),
+        Compilable("optimizer_update", step.apply_fn, step.apply_args, {}, (params, opt)),
+        Compilable("logprob_pass", step.logprobs_fn, step.logprobs_args, {}, (params,)),
+    ]
+    resident = {"params": tree_bytes_per_device(params), "optimizer_state": tree_bytes_per_device(opt)}
+    notes = []
+    if kl_on:
+        resident["reference_params"] = tree_bytes_per_device(params)
+        notes.append("KL on: reference params resident (a copy of params)")
+    if setup.step_settings.old_logprobs != "trainer" and not kl_on:
+        notes.append("logprob_pass is not run by this config (old log-probs from the rollout, KL off)")
+    engine = step.make_engine(engine_analysis.constructor_params(params))
+    targets = engine_analysis.compile_targets(engine, params,
+                                              prefill_tokens_per_call=cfg.rollout.prefill_tokens_per_call)
+    resident["decode_state"] = tree_bytes_per_device(targets["decode_loop"][1][1])
+    for name, (jitted, args, kwargs, resident_args) in targets.items():
+        fns.append(Compilable(name, jitted, args, kwargs, resident_args))
+    return RunFunctions(step, fns, resident, notes)
 
 
 @dataclasses.dataclass

@@ -55,10 +55,11 @@ def episode_seed(run_seed: int, step: int, group: int, sample: int) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg):
+    def __init__(self, cfg, *, devices=None):
+        # `devices`: compile-only accelerator devices for the fit check (t3rl_jax/accel); default jax.devices().
         self.cfg = cfg
         sh.initialize_distributed(cfg.mesh)
-        self.mesh = sh.make_mesh(cfg.mesh)
+        self.mesh = sh.make_mesh(cfg.mesh, devices)
         # Weights shard over fsdp x sequence: context-parallel devices hold distinct weight shards instead of
         # copies (stage 2's 8 devices then split params and Adam state 8 ways, not 2).
         self.rules = sh.logical_axis_rules(fsdp_over_sequence=True)

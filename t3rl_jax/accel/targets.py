@@ -53,6 +53,9 @@ def prepare_environment() -> None:
     """Set what the plugins need before `import jax`; harmless (and too late to matter) afterwards."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) meant for real chips; compile-only processes (test
+    # workers, several fit checks) would otherwise refuse each other.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def target(name: str) -> Target:
@@ -69,30 +72,45 @@ def _version(dist: str) -> str | None:
         return None
 
 
+PLUGIN_DISTRIBUTIONS = {
+    "cuda": ("jax-cuda13-plugin", "jax-cuda13-pjrt", "nvidia-cudnn-cu13"),
+    "tpu": ("libtpu",),
+}
+# Built per jaxlib release: must carry jaxlib's exact version (cuDNN and libtpu have their own numbering).
+_VERSION_LOCKED = ("jax-cuda13-plugin", "jax-cuda13-pjrt")
+
+
+def plugin_problems(platform: str, installed: dict[str, str | None], jaxlib_version: str) -> list[str]:
+    """What is wrong with the compile plugins for `platform`, given {distribution: installed version or None}:
+    one sentence per problem naming the distribution, its version and the install command; empty when fine."""
+    if platform not in PLUGIN_DISTRIBUTIONS:
+        raise TargetError(f"unknown platform {platform!r}; known: {', '.join(sorted(PLUGIN_DISTRIBUTIONS))}")
+    problems = []
+    for dist in PLUGIN_DISTRIBUTIONS[platform]:
+        have = installed.get(dist)
+        if have is None:
+            if platform == "tpu":
+                fix = f"pip install 'jax[tpu]=={jaxlib_version}'"
+            elif dist == "nvidia-cudnn-cu13":
+                fix = "cuDNN attention cannot be lowered without it: pip install --no-deps nvidia-cudnn-cu13"
+            else:
+                fix = (f"pip install --no-deps jax-cuda13-plugin=={jaxlib_version} "
+                       f"jax-cuda13-pjrt=={jaxlib_version} nvidia-cudnn-cu13 (or pip install -e '.[cuda13]' on a GPU)")
+            problems.append(f"{dist} is not installed: {fix}")
+        elif dist in _VERSION_LOCKED and have != jaxlib_version:
+            problems.append(f"{dist} {have} does not match jaxlib {jaxlib_version}: pip install --no-deps "
+                            f"{dist}=={jaxlib_version}")
+    return problems
+
+
 def check_plugins(platform: str) -> None:
-    """The compile plugin for `platform` is installed and built for the running jaxlib."""
+    """The compile plugin for `platform` is installed and built for the running jaxlib (else a TargetError)."""
     import jaxlib
 
-    jaxlib_version = jaxlib.__version__
-    if platform == "cuda":
-        wanted = ("jax-cuda13-plugin", "jax-cuda13-pjrt")
-        for dist in wanted:
-            have = _version(dist)
-            if have is None:
-                raise TargetError(f"{dist} is not installed: pip install -e '.[cuda13]' (or --no-deps "
-                                  f"jax-cuda13-plugin=={jaxlib_version} jax-cuda13-pjrt=={jaxlib_version} "
-                                  f"nvidia-cudnn-cu13)")
-            if have != jaxlib_version:
-                raise TargetError(f"{dist} {have} does not match jaxlib {jaxlib_version}: install "
-                                  f"{dist}=={jaxlib_version}")
-        if _version("nvidia-cudnn-cu13") is None:
-            raise TargetError("nvidia-cudnn-cu13 is not installed: cuDNN attention cannot be lowered without it "
-                              "(pip install -e '.[cuda13]')")
-    elif platform == "tpu":
-        if _version("libtpu") is None:
-            raise TargetError(f"libtpu is not installed: pip install 'jax[tpu]=={jaxlib_version}'")
-    else:
-        raise TargetError(f"unknown platform {platform!r}")
+    installed = {dist: _version(dist) for dist in PLUGIN_DISTRIBUTIONS.get(platform, ())}
+    problems = plugin_problems(platform, installed, jaxlib.__version__)
+    if problems:
+        raise TargetError("; ".join(problems))
 
 
 def load_gpu_spec(path: str | os.PathLike) -> str:
@@ -102,9 +120,9 @@ def load_gpu_spec(path: str | os.PathLike) -> str:
         text = path.read_text()
     except OSError as e:
         raise TargetError(f"cannot read GPU target spec {path}: {e}") from e
-    kept = [line for line in text.splitlines() if not line.strip().startswith(_UNKNOWN_SPEC_FIELDS)]
     if "gpu_device_info" not in text:
-        raise TargetError(f"{path} is not a GpuTargetConfigProto text file (no gpu_device_info)")
+        raise TargetError(f"GPU target spec {path} is not a GpuTargetConfigProto text file (no gpu_device_info)")
+    kept = [line for line in text.splitlines() if not line.strip().startswith(_UNKNOWN_SPEC_FIELDS)]
     return "\n".join(kept)
 
 
@@ -125,9 +143,11 @@ def compile_only_devices(name: str, num_devices: int | None = None, *, gpu_spec:
             topo = topologies.get_topology_desc(platform="cuda", topology=f"1x{n // per_host}x{per_host}",
                                                 target_config=load_gpu_spec(spec_path))
         except Exception as e:  # the plugin's own message (e.g. a spec field it cannot parse)
-            raise TargetError(f"CUDA topology from {spec_path} failed: {type(e).__name__}: {e}. Was jax imported "
-                              f"before JAX_PLATFORMS=cpu was set?") from e
+            raise TargetError(f"CUDA topology from GPU target spec {spec_path} failed: {type(e).__name__}: {e} "
+                              f"(a spec the plugin cannot parse, or jax imported before JAX_PLATFORMS=cpu was "
+                              f"set)") from e
         return list(topo.devices)
+    prepare_environment()  # read by libtpu when it loads, which happens below
     kwargs = dict(t.tpu_kwargs)
     slices = max(1, n // t.devices_per_slice)
     if n != slices * t.devices_per_slice:
