@@ -95,7 +95,8 @@ def main(argv=None):
     from t3rl_jax.accel import targets
 
     targets.prepare_environment()
-    from t3rl_jax.models import attention_backends, kernel_hlo
+    from t3rl_jax.accel import compile_report as hlo_facts
+    from t3rl_jax.models import attention_backends
 
     n = targets.target(args.target).devices_per_slice
     cp = args.sequence if args.model else 1
@@ -110,8 +111,8 @@ def main(argv=None):
         temp = compiled.memory_analysis().temp_size_in_bytes
         temps.append(temp)
         print(f"{args.target} {'model ' * args.model}{name} seq={args.seq} mesh={dict(mesh.shape)}: temp {temp / 2**20:.1f} MiB per device, "
-              f"conditionals in loops {len(kernel_hlo.conditionals_in_loops(text))}, "
-              f"fused attention calls {kernel_hlo.fused_attention_calls(text)}", flush=True)
+              f"conditionals in loops {len(hlo_facts.conditionals_inside_loops(text))}, "
+              f"fused attention calls {hlo_facts.fused_attention_calls(text)}", flush=True)
     print(f"ratio={temps[0] / max(temps[-1], 1):.2f}")
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from t3rl_jax import sharding as sh
-from t3rl_jax.models import attention, attention_backends as ab, chunked_attention as ca, kernel_hlo
+from t3rl_jax.accel import compile_report as hlo_facts
+from t3rl_jax.models import attention, attention_backends as ab, chunked_attention as ca
 from t3rl_jax.models import context_parallel as cp
 from t3rl_jax.models import cudnn_attention
 
@@ -103,7 +104,7 @@ def test_blockwise_kernel_has_no_conditional_in_its_loops():
     # Before the static schedule, each visited tile was a `lax.cond` on its mask (3 per layer in fwd + bwd).
     text = _grad_hlo(functools.partial(ca.flash_attention, block_size=16))
     assert "while" in text
-    assert kernel_hlo.conditionals_in_loops(text) == []
+    assert hlo_facts.conditionals_inside_loops(text) == []
 
 
 def test_cp_kernels_have_no_conditional_in_their_loops():
@@ -111,7 +112,7 @@ def test_cp_kernels_have_no_conditional_in_their_loops():
     for strategy in cp.STRATEGIES:
         text = _grad_hlo(cp.make_context_parallel_attention(mesh, strategy=strategy, block_size=8))
         assert "while" in text
-        assert kernel_hlo.conditionals_in_loops(text) == [], strategy
+        assert hlo_facts.conditionals_inside_loops(text) == [], strategy
 
 
 def test_hlo_reader_finds_conditionals_inside_loops():
@@ -119,9 +120,9 @@ def test_hlo_reader_finds_conditionals_inside_loops():
         return jax.lax.cond(x.sum() > 0, lambda y: y * 2, lambda y: y - 1, x)
 
     looped = jax.jit(lambda x: jax.lax.fori_loop(0, 3, body, x)).lower(jnp.ones(4)).compile().as_text()
-    assert len(kernel_hlo.conditionals_in_loops(looped)) == 1
+    assert len(hlo_facts.conditionals_inside_loops(looped)) == 1
     flat = jax.jit(lambda x: body(0, x)).lower(jnp.ones(4)).compile().as_text()
-    assert kernel_hlo.conditionals_in_loops(flat) == []
+    assert hlo_facts.conditionals_inside_loops(flat) == []
 
 
 # ----------------------------------------------------------------------------- splash (interpret mode)
@@ -273,11 +274,11 @@ def _compile_grad(fn, mesh, b=8, t=1024, hq=32, hkv=8, d=128):
 def test_h200_auto_attention_is_cudnn_fused_without_loop_conditionals():
     mesh = _target_mesh("h200")
     text = _compile_grad(ab.get_attention("auto", mesh=mesh), mesh).as_text()
-    calls = kernel_hlo.fused_attention_calls(text)
+    calls = hlo_facts.fused_attention_calls(text)
     assert calls.get("__cudnn$fmhaSoftmax", 0) >= 1 and calls.get("__cudnn$fmhaSoftmaxBackward", 0) >= 1, calls
-    assert kernel_hlo.conditionals_in_loops(text) == []
+    assert hlo_facts.conditionals_inside_loops(text) == []
     text = _compile_grad(ab.get_attention("blockwise", mesh=mesh), mesh).as_text()
-    assert "while" in text and kernel_hlo.conditionals_in_loops(text) == []
+    assert "while" in text and hlo_facts.conditionals_inside_loops(text) == []
 
 
 @pytest.mark.slow
@@ -289,10 +290,10 @@ def test_h200_context_parallel_attention_is_cudnn_fused():
     except targets.TargetError as e:
         pytest.skip(str(e))
     text = _compile_grad(ab.get_attention("auto", mesh=mesh), mesh, b=2).as_text()
-    calls = kernel_hlo.fused_attention_calls(text)  # the mask travels as cuDNN's bias
+    calls = hlo_facts.fused_attention_calls(text)  # the mask travels as cuDNN's bias
     assert calls.get("__cudnn$fmhaScaleBiasSoftmax", 0) >= 1, calls
     assert calls.get("__cudnn$fmhaScaleBiasSoftmaxBackward", 0) >= 1, calls
-    assert kernel_hlo.conditionals_in_loops(text) == []
+    assert hlo_facts.conditionals_inside_loops(text) == []
 
 
 @pytest.mark.slow
@@ -307,8 +308,8 @@ def test_v5p_auto_attention_is_splash(axes):
     except targets.TargetError as e:
         pytest.skip(str(e))
     text = _compile_grad(ab.get_attention("auto", mesh=mesh), mesh, b=8 // axes["sequence"]).as_text()
-    assert kernel_hlo.fused_attention_calls(text).get("tpu_custom_call", 0) >= 2  # forward and backward kernels
-    assert kernel_hlo.conditionals_in_loops(text) == []
+    assert hlo_facts.fused_attention_calls(text).get("tpu_custom_call", 0) >= 2  # forward and backward kernels
+    assert hlo_facts.conditionals_inside_loops(text) == []
 
 
 @pytest.mark.slow
@@ -331,4 +332,4 @@ def test_h200_cache_attention_decode_loop_has_no_conditional():
             jax.ShapeDtypeStruct((b, hkv, s, d), jnp.bfloat16, sharding=rows),
             jax.ShapeDtypeStruct((b, 1, s), jnp.bool_, sharding=rows))
     text = jax.jit(decode).trace(*args).lower().compile().as_text()
-    assert "while" in text and kernel_hlo.conditionals_in_loops(text) == []
+    assert "while" in text and hlo_facts.conditionals_inside_loops(text) == []

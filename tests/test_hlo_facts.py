@@ -100,17 +100,7 @@ def target_hlo(request):
     return targets.target(request.param).platform, compiled_hlo(request.param)
 
 
-# xfail until merged: the kernels helper replaces the blockwise kernel's per-tile `lax.cond`
-# (models/chunked_attention.py) and adds the cuDNN / splash backends (`model.attention`); the engine helper (or
-# whoever owns rollout/sampling.py) drops the greedy-or-draw `lax.cond` of `sample_rows` in the decode loop.
-KERNELS_PENDING = pytest.mark.xfail(strict=False, reason="blockwise attention's per-tile lax.cond; fused kernels "
-                                    "not yet selected (kernels helper, model.attention)")
-SAMPLING_PENDING = pytest.mark.xfail(strict=False, reason="rollout/sampling.py sample_rows: lax.cond(any "
-                                     "temperature > 0, draw, greedy) inside the decode scan")
-
-
 @pytest.mark.slow
-@KERNELS_PENDING
 def test_train_step_has_no_branch_inside_a_loop(target_hlo):
     _, hlo = target_hlo
     assert cr.count_while_loops(hlo["grad_first"]) > 0  # the layer scan: the check looks inside real loops
@@ -118,7 +108,6 @@ def test_train_step_has_no_branch_inside_a_loop(target_hlo):
 
 
 @pytest.mark.slow
-@SAMPLING_PENDING
 def test_decode_loop_has_no_branch_inside_a_loop(target_hlo):
     _, hlo = target_hlo
     assert cr.count_while_loops(hlo["decode_loop"]) > 0  # the decode steps' scan
@@ -126,7 +115,6 @@ def test_decode_loop_has_no_branch_inside_a_loop(target_hlo):
 
 
 @pytest.mark.slow
-@KERNELS_PENDING
 def test_train_step_attention_is_a_fused_kernel(target_hlo):
     platform, hlo = target_hlo
     # Forward and backward of both layers' attention (the layers may be a scanned loop: at least fwd + bwd).

@@ -146,6 +146,14 @@ def custom_call_targets(hlo_text: str) -> collections.Counter:
     return collections.Counter(_CUSTOM_CALL_TARGET.findall(hlo_text))
 
 
+FUSED_ATTENTION_TARGETS = ("__cudnn$fmha", "__gpu$xla.gpu.triton", "tpu_custom_call")
+
+
+def fused_attention_calls(hlo_text: str) -> dict[str, int]:
+    """The custom calls that are fused attention kernels (cuDNN fMHA, Triton, Mosaic TPU), by target."""
+    return {t: n for t, n in custom_call_targets(hlo_text).items() if t.startswith(FUSED_ATTENTION_TARGETS)}
+
+
 def attention_kernel_calls(hlo_text: str, platform: str) -> int:
     """Custom calls of a fused attention kernel: cuDNN's flash attention (`__cudnn$fmha...`) on GPU, Mosaic
     kernels (`tpu_custom_call`, what Pallas splash attention compiles to) on TPU."""
