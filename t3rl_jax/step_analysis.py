@@ -110,7 +110,7 @@ def run_functions(cfg, devices=None) -> RunFunctions:
         notes.append("KL on: reference params resident (a copy of params)")
     if setup.step_settings.old_logprobs != "trainer" and not kl_on:
         notes.append("logprob_pass is not run by this config (old log-probs from the rollout, KL off)")
-    engine = step.make_engine(engine_analysis.constructor_params(params))
+    engine = step.make_engine(params)
     targets = engine_analysis.compile_targets(engine, params,
                                               prefill_tokens_per_call=cfg.rollout.prefill_tokens_per_call)
     resident["decode_state"] = tree_bytes_per_device(targets["decode_loop"][1][1])

@@ -92,13 +92,13 @@ def test_unknown_target_exits_2(capsys):
 @pytest.mark.parametrize("budget,max_prefill", [(8192, 8192), (4096, 8192), (256, 256), (8192, 2048)])
 def test_extend_shapes_are_the_largest_calls_the_prefill_budget_allows(budget, max_prefill):
     from t3rl_jax.rollout import extend_batch
-    from t3rl_jax.rollout.engine_analysis import extend_shapes
+    from t3rl_jax.rollout.extend_batch import largest_calls
 
     def cost(rows, tokens, outputs):
         requests = [extend_batch.ExtendRequest(i, [i % rows + 1] * tokens, reset=True) for i in range(outputs)]
         return extend_batch.prefill_cost(requests, max_prefill)
 
-    (one, longest, fanned), (rows, tokens, outputs) = extend_shapes(budget, max_prefill, 16)
+    (one, longest, fanned), (rows, tokens, outputs) = largest_calls(budget, max_prefill, 16)
     assert (one, longest) == (1, max_prefill)  # a request over the budget is sent alone, so the longest always
     assert fanned == (16 if cost(1, max_prefill, 16) <= budget else 1)
     assert rows == outputs == 16 and cost(rows, tokens, outputs) <= budget

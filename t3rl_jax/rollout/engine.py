@@ -382,12 +382,10 @@ class Qwen3Engine(engine_api.Engine):
         static_kwargs)}, compiled as `jitted.trace(*abstract_args, **static_kwargs).lower().compile()`.
 
         - "decode_state": the decode state's allocation (no arguments).
-        - "extend_largest": the most rows one `extend_slots` call of the driver computes: `max_prefill_rows`
-          (the driver's MAX_PREFILL_ROWS) distinct rows of the bucket their share of `prefill_tokens_per_call`
-          (default `max_prefill_length`) pads to, at the full window.
-        - "extend_longest": one row of `max_prefill_length` tokens fanned out to `max_prefill_rows` slots (a GRPO
-          group's shared prompt), at the full window.
-        - "decode_loop": `decode_steps` decode steps at the full window.
+        - "extend_<rows>x<tokens>": the largest calls the scheduler can send under `prefill_tokens_per_call`
+          (default `max_prefill_length`) with at most `max_prefill_rows` slots a call (`extend_batch.largest_calls`),
+          attending over the whole cache (a slot deep in its episode).
+        - "decode_loop": `decode_steps` decode steps over the whole cache.
         `abstract_params`: ShapeDtypeStructs with shardings (default: this engine's own parameters' shapes).
         """
         params = self._params if abstract_params is None else abstract_params
@@ -396,25 +394,16 @@ class Qwen3Engine(engine_api.Engine):
         shardings = self.decode_state_shardings()
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              jax.eval_shape(self._empty_decode_state), shardings)
-        replicated = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec())
-        rows = min(max_prefill_rows, self._slots)
-        budget = prefill_tokens_per_call or self._max_prefill
-
-        def batch(computed: int, length: int, outputs: int):
-            tokens = extend_batch.prefill_bucket(min(length, self._max_prefill), self._max_prefill)
-            shapes = [((outputs,), jnp.int32), ((outputs,), jnp.int32), ((computed,), jnp.int32),
-                      ((computed, tokens), jnp.int32), ((computed,), jnp.int32), ((computed,), jnp.bool_),
-                      ((outputs,), jnp.uint32), ((outputs,), jnp.float32), ((outputs,), jnp.float32),
-                      ((outputs,), jnp.int32)]
-            return tuple(jax.ShapeDtypeStruct(shape, dtype, sharding=replicated) for shape, dtype in shapes)
-
         full = dict(window=self.max_cache_length)
-        return {
-            "decode_state": (jax.jit(self._empty_decode_state, out_shardings=shardings), (), {}),
-            "extend_largest": (self._extend_jit, (params, state, *batch(rows, max(budget // rows, 1), rows)), full),
-            "extend_longest": (self._extend_jit, (params, state, *batch(1, self._max_prefill, rows)), full),
-            "decode_loop": (self._generate_jit, (params, state), dict(num_steps=decode_steps, **full)),
-        }
+        out = {"decode_state": (jax.jit(self._empty_decode_state, out_shardings=shardings), (), {})}
+        for rows, tokens, outputs in extend_batch.largest_calls(prefill_tokens_per_call or self._max_prefill,
+                                                                self._max_prefill, min(max_prefill_rows, self._slots)):
+            host = extend_batch.abstract_call(rows, tokens, outputs, num_slots=self._slots,
+                                              max_prefill=self._max_prefill, max_cache_length=self.max_cache_length,
+                                              sampling=self.sampling)
+            out[f"extend_{rows}x{tokens}"] = (self._extend_jit, (params, state, *host), full)
+        out["decode_loop"] = (self._generate_jit, (params, state), dict(num_steps=decode_steps, **full))
+        return out
 
     # ------------------------------------------------------------------ driver fast path
     def _extend_impl(self, params, state: DecodeState, slots, sources, base_slots, tokens, true_lengths, resets,

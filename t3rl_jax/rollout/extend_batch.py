@@ -127,3 +127,40 @@ def pack(requests: list[ExtendRequest], *, num_slots: int, max_prefill: int, max
             limits[i] = min(r.limit, max_cache_length)
     return ExtendBatch(slots, source, base_slots, tokens, true_lengths, resets, seeds, temperature, top_p, limits,
                        longest)
+
+
+def largest_calls(prefill_tokens_per_call: int, max_prefill: int, max_rows: int) -> list[tuple[int, int, int]]:
+    """(computed rows, padded tokens, output rows) of the largest prefill calls the scheduler can make: it packs
+    requests until `prefill_cost` would pass the budget, at most `max_rows` slots a call, and sends a request over
+    the budget alone. The two extremes: one prompt of the longest bucket (a GRPO group starting, fanned out to its
+    slots when the budget holds it: the longest attention per row) and `max_rows` distinct rows of the budget's
+    share each (slots resuming after tool results: the most cache rows gathered)."""
+    shapes = [(1, max_prefill, max_rows if prefill_tokens_per_call >= max_prefill else 1)]
+    if max_rows > 1:
+        shapes.append((max_rows, _largest_bucket_at_most(prefill_tokens_per_call // max_rows, max_prefill),
+                       max_rows))
+    return shapes
+
+
+def _largest_bucket_at_most(tokens: int, max_prefill: int) -> int:
+    """The longest padded prefill length (`prefill_bucket`'s buckets) of at most `tokens`."""
+    if tokens >= max_prefill:
+        return max_prefill
+    if tokens >= LINEAR_BUCKET_STEP:
+        return tokens // LINEAR_BUCKET_STEP * LINEAR_BUCKET_STEP
+    return max(MIN_PREFILL_BUCKET, 1 << (tokens.bit_length() - 1))
+
+
+def abstract_call(rows: int, tokens: int, outputs: int, *, num_slots: int, max_prefill: int,
+                  max_cache_length: int, sampling) -> tuple:
+    """ShapeDtypeStructs of one `pack`ed call of that shape, laid out by `pack` itself (for compile-only checks)."""
+    import jax
+
+    requests = [ExtendRequest(slot=i, tokens=np.full(tokens, i % rows + 1, np.int32), reset=True, seed=i)
+                for i in range(outputs)]  # identical tokens within a row's group: pack shares those rows
+    batch = pack(requests, num_slots=num_slots, max_prefill=max_prefill, max_cache_length=max_cache_length,
+                 sampling=sampling)
+    if batch.tokens.shape != (rows, tokens):
+        raise AssertionError(f"extend bucket {rows}x{tokens} packed as {batch.tokens.shape}")
+    return tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in batch.arrays())
+
