@@ -95,6 +95,8 @@ def recipe() -> ml_collections.ConfigDict:
         loss_agg="token_mean",
         filter_zero_variance=True,
         refill_groups=False,
+        max_refill_batches=8,  # extra prompt batches a step may roll out to reach data.prompts_per_step groups
+        failed_episodes="exclude",  # env_failed episodes: "exclude" (left out of their group) or "drop_group"
         old_logprobs="trainer",
         tis_cap=0.0,
     )

@@ -1,0 +1,36 @@
+"""One GRPO update from built mini-batches: old / reference log-prob passes, then one optimizer step per mini-batch.
+
+The PPO anchor is the policy that generated the rollouts, so trainer-side old log-probs are computed for every
+mini-batch before the first update; the reference policy's log-probs (KL on) likewise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from t3rl_jax.rl.train_step import GRPOStep, StepSettings
+
+
+class Learner:
+    def __init__(self, step_fn: GRPOStep, settings: StepSettings):
+        self.step_fn = step_fn
+        self.settings = settings
+
+    def update(self, params, opt_state, ref_params, minis: list[dict]):
+        """-> (params, opt_state, metrics: dict[str, float]) after len(minis) optimizer steps."""
+        if not minis:
+            raise ValueError("Learner.update needs at least one mini-batch")
+        if self.settings.loss.needs_reference and ref_params is None:
+            raise ValueError(f"algo.kl_coef={self.settings.loss.kl_coef} > 0 needs the reference parameters")
+        step_fn = self.step_fn
+        olds = [None] * len(minis)
+        if self.settings.old_logprobs == "trainer":
+            olds = [step_fn.logprobs(params, mb) for mb in minis]
+        refs = [step_fn.logprobs(ref_params, mb) if self.settings.loss.needs_reference else None for mb in minis]
+        collected = []
+        for mb, old, ref in zip(minis, olds, refs):
+            params, opt_state, m = step_fn.update(params, opt_state, mb, old_logprobs=old, ref_logprobs=ref)
+            collected.append(m)
+        merged = {k: float(np.mean([m[k] for m in collected])) for k in collected[0]}
+        merged["skipped_nonfinite"] = float(max(m["skipped_nonfinite"] for m in collected))
+        return params, opt_state, merged
