@@ -84,20 +84,24 @@ def aggregate(
     episodes and forces segment-0 tokens out. `denominator` replaces the local count (see module
     docstring).
     """
+    numerator, local = aggregate_parts(values, mask, mode, segment_ids=segment_ids)
+    den = local if denominator is None else jnp.asarray(denominator, jnp.float32)
+    return _safe_divide(numerator, den)
+
+
+def aggregate_parts(
+    values: jax.Array, mask: jax.Array, mode: str = "token_mean", *, segment_ids: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """`aggregate`'s (numerator, local denominator): summed over micro-batches, both give the whole batch's."""
     _check_mode(mode)
     if values.shape != mask.shape:
         raise ValueError(f"values shape {values.shape} does not match mask shape {mask.shape}")
     mask = _effective_mask(mask, segment_ids)
     values = values.astype(jnp.float32)
     if mode == "token_mean":
-        numerator = jnp.sum(values * mask)
-        local = jnp.sum(mask)
-    else:
-        sums, counts = _sequence_sums(values, mask, segment_ids)
-        numerator = jnp.sum(_safe_divide(sums, counts))
-        local = jnp.sum(counts > 0).astype(jnp.float32)
-    den = local if denominator is None else jnp.asarray(denominator, jnp.float32)
-    return _safe_divide(numerator, den)
+        return jnp.sum(values * mask), jnp.sum(mask)
+    sums, counts = _sequence_sums(values, mask, segment_ids)
+    return jnp.sum(_safe_divide(sums, counts)), jnp.sum(counts > 0).astype(jnp.float32)
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:

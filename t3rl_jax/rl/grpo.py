@@ -15,15 +15,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from t3rl_jax.rl.aggregation import LOSS_AGG_MODES, aggregate, masked_mean
+from t3rl_jax.rl.aggregation import LOSS_AGG_MODES, aggregate_parts
 from t3rl_jax.rl.losses import KL_TYPES, kl_penalty, ppo_clip_loss, truncated_is_weights
+from t3rl_jax.rl.step_metrics import Weighted, token_mean
 
 
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
     clip_low: float = 0.2
     clip_high: float = 0.28
-    dual_clip: float = 0.0  # 0 = off; else the cap c > 1 for negative advantages
+    dual_clip: float | None = 0.0  # 0 or None = off; else the cap c > 1 for negative advantages
     kl_coef: float = 0.0  # 0 = no KL term and no reference forward
     kl_type: str = "low_var_kl"
     entropy_coef: float = 0.0
@@ -31,6 +32,8 @@ class LossSettings:
     tis_cap: float = 0.0  # 0 = no truncated importance sampling
 
     def __post_init__(self):
+        if self.dual_clip is None:
+            object.__setattr__(self, "dual_clip", 0.0)
         if self.loss_agg not in LOSS_AGG_MODES:
             raise ValueError(f"loss_agg {self.loss_agg!r} is not one of {LOSS_AGG_MODES}")
         if self.kl_type not in KL_TYPES:
@@ -63,8 +66,8 @@ def grpo_loss(
     rollout_logp: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     denominator: jax.Array | float | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Scalar loss to minimise and a dict of scalar metrics, for one (micro-)batch.
+) -> tuple[jax.Array, dict[str, Weighted]]:
+    """Scalar loss to minimise and its metrics (`step_metrics.Weighted`), for one (micro-)batch.
 
     logp: current policy log-probs of the sampled tokens [B, T]; old_logp: the PPO anchor (the
     trainer's recomputed log-probs, or the rollout's own); advantages: [B, T] (or broadcastable);
@@ -80,8 +83,8 @@ def grpo_loss(
     if settings.tis_cap > 0 and rollout_logp is None:
         raise ValueError(f"tis_cap={settings.tis_cap} > 0 needs rollout_logp")
 
-    def agg(values):
-        return aggregate(values, mask, settings.loss_agg, segment_ids=segment_ids, denominator=denominator)
+    def parts(values):
+        return aggregate_parts(values, mask, settings.loss_agg, segment_ids=segment_ids)
 
     per_token, metrics = ppo_clip_loss(
         logp,
@@ -96,18 +99,22 @@ def grpo_loss(
         weights, mismatch = truncated_is_weights(old_logp, rollout_logp, mask, cap=settings.tis_cap)
         metrics.update(mismatch)
         per_token = per_token * weights
-    pg_loss = agg(per_token)
-    loss = pg_loss
-    metrics["pg_loss"] = pg_loss
+    # Every term shares one denominator, so the loss is one numerator over it; the metrics keep the local
+    # count as their weight (summed over micro-batches it is the whole batch's denominator).
+    pg_num, count = parts(per_token)
+    loss_num = pg_num
+    metrics["pg_loss"] = Weighted(pg_num, count)
     if settings.needs_reference:
-        kl = agg(kl_penalty(logp, ref_logp, settings.kl_type))
-        loss = loss + settings.kl_coef * kl
-        metrics["kl"] = kl
+        kl_num, _ = parts(kl_penalty(logp, ref_logp, settings.kl_type))
+        loss_num = loss_num + settings.kl_coef * kl_num
+        metrics["kl"] = Weighted(kl_num, count)
     if entropy is not None:
-        ent = agg(entropy)
+        ent_num, _ = parts(entropy)
         if settings.entropy_coef:
-            loss = loss - settings.entropy_coef * ent
-        metrics["entropy"] = ent
-    metrics["advantage_mean"] = masked_mean(jnp.broadcast_to(advantages, logp.shape), mask)
-    metrics["loss"] = loss
+            loss_num = loss_num - settings.entropy_coef * ent_num
+        metrics["entropy"] = Weighted(ent_num, count)
+    metrics["advantage_mean"] = token_mean(jnp.broadcast_to(advantages, logp.shape), mask)
+    metrics["loss"] = Weighted(loss_num, count)
+    den = count if denominator is None else jnp.asarray(denominator, jnp.float32)
+    loss = jnp.where(den > 0, loss_num / jnp.where(den > 0, den, 1.0), 0.0)
     return loss, metrics

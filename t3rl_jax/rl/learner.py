@@ -1,13 +1,14 @@
 """One GRPO update from built mini-batches: old / reference log-prob passes, then one optimizer step per mini-batch.
 
 The PPO anchor is the policy that generated the rollouts, so trainer-side old log-probs are computed for every
-mini-batch before the first update; the reference policy's log-probs (KL on) likewise.
+mini-batch before the first update; the reference policy's log-probs (KL on) likewise. Each metric is combined
+over micro- and mini-batches by its own reducer (`rl.step_metrics`): token-weighted means over the whole step,
+maxima and minima as such, counts summed.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
+from t3rl_jax.rl import step_metrics
 from t3rl_jax.rl.train_step import GRPOStep, StepSettings
 
 
@@ -29,8 +30,9 @@ class Learner:
         refs = [step_fn.logprobs(ref_params, mb) if self.settings.loss.needs_reference else None for mb in minis]
         collected = []
         for mb, old, ref in zip(minis, olds, refs):
-            params, opt_state, m = step_fn.update(params, opt_state, mb, old_logprobs=old, ref_logprobs=ref)
+            params, opt_state, m = step_fn.update_weighted(params, opt_state, mb, old_logprobs=old,
+                                                           ref_logprobs=ref)
             collected.append(m)
-        merged = {k: float(np.mean([m[k] for m in collected])) for k in collected[0]}
-        merged["skipped_nonfinite"] = float(max(m["skipped_nonfinite"] for m in collected))
+        merged = step_metrics.values(step_metrics.combine(collected))
+        merged["num_optimizer_steps"] = float(len(minis))
         return params, opt_state, merged

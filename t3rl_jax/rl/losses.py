@@ -1,7 +1,8 @@
 """Per-token policy-gradient terms: PPO clipped surrogate, truncated importance sampling, KL.
 
 All functions take per-token log-probs [B, T] (or any matching shapes) and return per-token values
-plus masked metrics; reduction to a scalar is `aggregation.aggregate`'s job.
+plus masked metrics (`step_metrics.Weighted`: each carries its numerator and denominator, or its extreme, so
+micro-batches combine exactly); reduction of the loss to a scalar is `aggregation.aggregate`'s job.
 
 Log-ratios are clamped to [-20, 20] before `exp`, as verl does, so one wild token cannot overflow.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from t3rl_jax.rl.aggregation import masked_max, masked_mean, masked_min
+from t3rl_jax.rl.step_metrics import Weighted, token_max, token_mean, token_min
 
 LOG_RATIO_CLAMP = 20.0
 # k3 can still be huge when the reference gives a token almost no mass; verl clamps it to +-10.
@@ -32,7 +33,7 @@ def ppo_clip_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.28,
     dual_clip: float = 0.0,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+) -> tuple[jax.Array, dict[str, Weighted]]:
     """Per-token clipped surrogate loss (to minimise) and its metrics.
 
     loss = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)); `clip_high > clip_low` is DAPO's
@@ -58,21 +59,21 @@ def ppo_clip_loss(
     # The clipped branch wins exactly when the surrogate is flat in the ratio (zero gradient).
     clip_active = clipped > unclipped
     metrics = {
-        "clip_frac_low": masked_mean(clip_active & negative, mask),
-        "clip_frac_high": masked_mean(clip_active & (advantages > 0), mask),
-        "clip_frac_dual": masked_mean(dual_active, mask),
+        "clip_frac_low": token_mean(clip_active & negative, mask),
+        "clip_frac_high": token_mean(clip_active & (advantages > 0), mask),
+        "clip_frac_dual": token_mean(dual_active, mask),
         # First-order estimate of KL(old || new), verl's ppo_kl.
-        "approx_kl": masked_mean(-log_ratio, mask),
-        "ratio_mean": masked_mean(ratio, mask),
-        "ratio_max": masked_max(ratio, mask),
-        "ratio_min": masked_min(ratio, mask),
+        "approx_kl": token_mean(-log_ratio, mask),
+        "ratio_mean": token_mean(ratio, mask),
+        "ratio_max": token_max(ratio, mask),
+        "ratio_min": token_min(ratio, mask),
     }
     return loss, metrics
 
 
 def truncated_is_weights(
     old_logp: jax.Array, rollout_logp: jax.Array, mask: jax.Array, *, cap: float
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+) -> tuple[jax.Array, dict[str, Weighted]]:
     """Truncated importance-sampling weights min(pi_old / pi_rollout, cap) and mismatch metrics.
 
     The rollout engine and the trainer compute slightly different log-probs for the same tokens
@@ -85,14 +86,14 @@ def truncated_is_weights(
     ratio = jax.lax.stop_gradient(ratio)
     if cap > 0:
         weights = jnp.minimum(ratio, cap)
-        frac_capped = masked_mean(ratio > cap, mask)
+        frac_capped = token_mean(ratio > cap, mask)
     else:
         weights = jnp.ones_like(ratio)
-        frac_capped = jnp.zeros((), jnp.float32)
+        frac_capped = token_mean(jnp.zeros_like(ratio), mask)
     metrics = {
-        "mismatch_abs_logp_diff_mean": masked_mean(jnp.abs(log_ratio), mask),
-        "mismatch_ratio_max": masked_max(ratio, mask),
-        "mismatch_ratio_min": masked_min(ratio, mask),
+        "mismatch_abs_logp_diff_mean": token_mean(jnp.abs(log_ratio), mask),
+        "mismatch_ratio_max": token_max(ratio, mask),
+        "mismatch_ratio_min": token_min(ratio, mask),
         "tis_frac_capped": frac_capped,
     }
     return jax.lax.stop_gradient(weights), metrics

@@ -8,7 +8,8 @@ When the output weight is sharded (FSDP), each chunk's projection is instead spl
 devices holding the weight (`rl.vocab_parallel`), so no device gathers the whole weight or its gradient.
 
 Every micro-batch divides by the *whole* batch's aggregation denominator, so accumulated gradients equal one
-full-batch gradient. A non-finite loss or gradient norm skips the update (parameters and optimizer state are kept)
+full-batch gradient; metrics carry their numerators and denominators (`rl.step_metrics`) and combine the same
+way. A non-finite loss or gradient norm skips the update (parameters and optimizer state are kept)
 and is reported in the metrics, so the loop can count consecutive bad steps.
 """
 
@@ -23,6 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from t3rl_jax.rl import step_metrics
 from t3rl_jax.rl.aggregation import aggregation_denominator
 from t3rl_jax.rl.entropy import logprobs_and_entropy_chunked
 from t3rl_jax.rl.grpo import LossSettings, grpo_loss
@@ -257,9 +259,16 @@ class GRPOStep:
     def update(self, params, opt_state, batch: dict, *, old_logprobs=None, ref_logprobs=None):
         """One optimizer step over all micro-batches of `batch` ([micro, rows, length] arrays).
 
-        Returns (params, opt_state, metrics); metrics are host floats. The loss is the sum over micro-batches
-        (each divided by the whole batch's denominator); other metrics are averaged over micro-batches.
+        Returns (params, opt_state, metrics) with metrics as host floats (see `update_weighted`).
         """
+        params, opt_state, metrics = self.update_weighted(params, opt_state, batch, old_logprobs=old_logprobs,
+                                                          ref_logprobs=ref_logprobs)
+        return params, opt_state, step_metrics.values(metrics)
+
+    def update_weighted(self, params, opt_state, batch: dict, *, old_logprobs=None, ref_logprobs=None):
+        """`update` with its metrics as host `step_metrics.Weighted`: each micro-batch's metrics combine by their
+        own reducer, so every value is the whole batch's (independent of the number of micro-batches), and a
+        caller can combine several updates (mini-batches) the same way."""
         s = self.settings
         micro = _split(batch)
         if old_logprobs is None:
@@ -284,16 +293,15 @@ class GRPOStep:
             else:
                 grads, metrics = accumulate(params, grads, mb, old, ref, denominator)
             collected.append(metrics)
-        host = [{k: float(np.asarray(v)) for k, v in m.items()} for m in collected]
-        merged = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        merged["loss"] = float(np.sum([m["loss"] for m in host]))
-        merged["pg_loss"] = float(np.sum([m["pg_loss"] for m in host]))
+        merged = step_metrics.combine(jax.device_get(collected))
         params, opt_state, applied = self._apply(params, opt_state, grads)
-        merged["grad_norm"] = float(applied["grad_norm"])
-        finite = np.isfinite(merged["loss"]) and np.isfinite(merged["grad_norm"])
-        merged["skipped_nonfinite"] = 0.0 if finite else 1.0
-        merged["num_loss_tokens"] = float(np.sum(batch["loss_mask"]))
-        merged["num_micro_batches"] = float(len(micro))
+        grad_norm = float(applied["grad_norm"])
+        finite = np.isfinite(float(merged["loss"])) and np.isfinite(grad_norm)
+        Weighted = step_metrics.Weighted
+        merged["grad_norm"] = Weighted(grad_norm, 1.0)  # one per optimizer step: mini-batches average it
+        merged["skipped_nonfinite"] = Weighted(0.0 if finite else 1.0, 1.0, "max")
+        merged["num_loss_tokens"] = Weighted(float(np.sum(batch["loss_mask"])), 1.0, "sum")
+        merged["num_micro_batches"] = Weighted(float(len(micro)), 1.0, "sum")
         return params, opt_state, merged
 
 
