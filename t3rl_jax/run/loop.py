@@ -8,6 +8,7 @@ pure function of (run seed, step, group, sample), so a resumed run replays the s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -67,9 +68,19 @@ def make_engine(setup: RunSetup, params) -> Qwen3Engine:
                        cache_dtype=jax.numpy.dtype(cfg.model.dtype), mesh=setup.mesh, seed=cfg.seed)
 
 
+def token_digest(trajs) -> float:
+    """48 bits of a hash of every trajectory's token ids, in order: two runs whose metrics differ rolled out the
+    same episodes exactly when this agrees (it tells a nondeterministic rollout from a nondeterministic update)."""
+    h = hashlib.blake2b(digest_size=6)
+    for t in trajs:
+        h.update(np.asarray(t.token_ids, np.int64).tobytes() + b"|")
+    return float(int.from_bytes(h.digest(), "little"))
+
+
 def rollout_metrics(trajs) -> dict:
     rewards = np.asarray([t.reward for t in trajs])
     out = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+           "episodes/token_digest": token_digest(trajs),
            "length/response_tokens": float(np.mean([t.length - t.prompt_length for t in trajs])),
            "length/sampled_tokens": float(np.mean([t.num_sampled for t in trajs])),
            "tool_calls/per_episode": float(np.mean([t.num_tool_calls for t in trajs])),
@@ -183,15 +194,16 @@ class Run:
         ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                             async_save=cfg.checkpoint.async_save)
         hooks: list[hooks_lib.Hook] = []
-        end = None
+        stop = ""
         try:
             with open_env_pool(cfg) as pool:
                 state, engine, resumed = self.start_state(ckpt, prompts, engine_for=lambda p: make_engine(setup, p),
                                                           pool=pool)
                 validation = hooks_lib.Validation(cfg, engine=engine, pool=pool, chat=setup.chat,
                                                   model_config=setup.bundle.config)
-                hooks = [hooks_lib.Sigterm(), validation, hooks_lib.Metrics(cfg, resume_step=state.step if resumed
-                                                                            else None),
+                # In this order: a stop request and the validation result reach the metrics and the checkpoint.
+                hooks = [hooks_lib.Sigterm(), validation,
+                         hooks_lib.Metrics(cfg, resume_step=state.step if resumed else None),
                          hooks_lib.NanGuard(cfg, ckpt), hooks_lib.Checkpoint(cfg, ckpt), hooks_lib.Profile(cfg)]
                 step_fn = GRPOStep(setup.bundle.train_model(state.params), setup.optimizer, setup.step_settings,
                                    param_shardings=setup.param_shardings, opt_shardings=setup.opt_shardings,
@@ -199,7 +211,9 @@ class Run:
                 learner = Learner(step_fn, setup.step_settings)
                 driver = RolloutDriver(engine, pool, setup.chat,
                                        limits=hooks_lib.rollout_limits(cfg, cfg.rollout.max_steps_per_turn))
-                while state.step < cfg.train.num_steps:
+                if cfg.eval.plateau_patience and state.best.since >= cfg.eval.plateau_patience:
+                    stop = "plateau"  # resumed from the checkpoint the plateau stop wrote: the stage is over
+                while not stop and state.step < cfg.train.num_steps:
                     with contextlib.ExitStack() as scopes:
                         for hook in hooks:
                             scopes.enter_context(hook.step_scope(state.step))
@@ -207,15 +221,14 @@ class Run:
                     end = hooks_lib.StepEnd(state.step, state, metrics, last=state.step == cfg.train.num_steps)
                     for hook in hooks:
                         hook.after_step(end)
-                    if end.stop:
-                        log.warning("stopping at step %d (%s); checkpoint written", state.step, end.stop)
-                        break
+                    stop = end.stop
+                    if stop:
+                        log.warning("stopping at step %d (%s); checkpoint written", state.step, stop)
         finally:
             for hook in reversed(hooks):  # also on errors: a pending async save must reach the disk
                 hook.close()
             ckpt.close()
         artifacts.plots(cfg.workdir)
-        stop = end.stop if end is not None else ""
         if stop != "sigterm":
             self.export(state, best=stop == "plateau")
         return {"step": state.step, "stop": stop, **validation.last}
