@@ -92,3 +92,10 @@ def test_missing_split_file_is_a_clear_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="environments.bfcl.splits"):
         data.load_split(tmp_path / "nope.jsonl")
+
+
+def test_mesh_that_does_not_fit_the_devices_is_a_config_error_not_a_traceback():
+    out = subprocess.run([sys.executable, "-m", "t3rl_jax.main", "--config=tiny", "--config.mesh.fsdp=3"],
+                         env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "config error: mesh.data/fsdp/tensor/sequence" in out.stderr and "Traceback" not in out.stderr
