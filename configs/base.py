@@ -85,6 +85,7 @@ def recipe() -> ml_collections.ConfigDict:
     c.env = dict(augment=True, num_workers=32, step_timeout_s=10.0, reward="progress")
     c.algo = dict(
         advantage="grpo",
+        policy_loss="ppo_clip",  # names registered in t3rl_jax/rl/registry.py, as are advantage, kl_type, loss_agg
         adv_eps=1e-6,
         clip_low=0.2,
         clip_high=0.28,

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from t3rl_jax.rl import registry
+
 SCHEMA: dict[str, tuple[str, ...] | None] = {
     "workdir": None,
     "seed": None,
@@ -27,7 +29,7 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
                 "max_prefill_length", "max_response_tokens", "max_context_tokens", "max_steps_per_turn",
                 "max_model_calls", "prefill_tokens_per_call"),
     "env": ("augment", "num_workers", "step_timeout_s", "reward"),
-    "algo": ("advantage", "adv_eps", "clip_low", "clip_high", "dual_clip", "kl_coef", "kl_type", "entropy_coef",
+    "algo": ("advantage", "policy_loss", "adv_eps", "clip_low", "clip_high", "dual_clip", "kl_coef", "kl_type", "entropy_coef",
              "loss_agg", "filter_zero_variance", "refill_groups", "max_refill_batches", "failed_episodes",
              "old_logprobs", "tis_cap"),
     "train": ("num_steps", "lr", "lr_schedule", "warmup_steps", "b1", "b2", "weight_decay", "grad_clip",
@@ -38,8 +40,7 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
     "profile": ("start_step", "num_steps", "port"),
 }
 
-# Mirrors of the names registered in t3rl_jax.rl (kept here so loading a config imports no JAX);
-# tests/test_config.py checks they agree.
+# Allowed values (loading a config imports no JAX).
 CHOICES: dict[str, tuple[Any, ...]] = {
     "resume": ("auto", "never"),
     "model.preset": ("tiny", "qwen3_4b_instruct_2507"),
@@ -47,9 +48,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots_saveable"),
     "env.reward": ("progress", "binary", "format"),
-    "algo.advantage": ("grpo", "mean_only"),
-    "algo.kl_type": ("low_var_kl", "kl", "mse", "abs"),
-    "algo.loss_agg": ("token_mean", "seq_mean_token_mean"),
+    # GRPO building blocks: the names registered in t3rl_jax/rl/registry.py (which imports no JAX).
+    **{key: registry.names(kind) for kind, key in registry.CONFIG_KEYS.items()},
     "algo.old_logprobs": ("trainer", "rollout"),
     "algo.failed_episodes": ("exclude", "drop_group"),
     "train.lr_schedule": ("constant", "cosine"),

@@ -50,6 +50,24 @@ def test_pack_truncates_long_and_rejects_overflow():
         batching.pack([long], [], row_length=16)
 
 
+def test_long_trajectory_trains_on_its_first_part_with_the_whole_episode_advantage():
+    rng = np.random.default_rng(2)
+    long = _traj(rng, 6, [20, 15], [5, 0])  # 46 tokens, sampled tokens on both sides of the cut
+    short = _traj(rng, 3, [4], [1])
+    batch = batching.pack([long, short], [0.75, -0.5], row_length=24)
+    assert batch.num_truncated == 1 and batch.tokens.shape == (2, 24)
+    ids, mask, logp = long.arrays()
+    r = int(np.argwhere(batch.sequence_ids == 0)[0, 0])
+    assert np.all(batch.sequence_ids[r] == 0)  # the cut trajectory fills its row alone
+    np.testing.assert_array_equal(batch.tokens[r], ids[:24])
+    # Every position of the row predicts the next token of the episode, the last one the first token past the cut.
+    np.testing.assert_array_equal(batch.targets[r], ids[1:25])
+    np.testing.assert_array_equal(batch.loss_mask[r], mask[1:25])
+    np.testing.assert_allclose(batch.rollout_logprobs[r], logp[1:25], rtol=1e-6)
+    assert np.all(batch.advantages[r] == np.float32(0.75))
+    assert batch.loss_mask[r].sum() == mask[1:25].sum() > 0
+
+
 def test_first_fit_decreasing_respects_capacity():
     lengths = [7, 5, 4, 3, 3, 2, 1]
     bins = batching.first_fit_decreasing(lengths, 8)

@@ -134,3 +134,17 @@ def test_build_packs_uneven_groups_into_micro_batches():
     seq = mb["advantages"][mb["loss_mask"] > 0].reshape(-1, 2)[:, 0]
     np.testing.assert_allclose(np.sort(seq), want, rtol=1e-6)
     assert stats["length/truncated_episodes"] == 0
+
+
+def test_build_counts_truncated_episodes_and_keeps_their_advantage():
+    cfg = _cfg(max_refill_batches=0)
+    cfg.train.max_seq_len = 4  # every 5-token episode is cut after its 4th token
+    exp = collect(cfg, 0, _prompts(), _rollout(varied_every=1))
+    minis, stats = build(exp.groups, cfg, rows_per_micro=2, cp=1)
+    episodes = sum(len(g) for g in exp.groups)
+    assert stats["length/truncated_episodes"] == episodes == 16
+    mb = minis[0]
+    # Both sampled tokens are still targets (the last kept position predicts the token past the cut).
+    assert mb["loss_mask"].sum() == 2 * episodes
+    want = np.sort(np.concatenate(advantages_of(exp.groups, cfg.algo)))
+    np.testing.assert_allclose(np.sort(mb["advantages"][mb["loss_mask"] > 0][::2]), want, rtol=1e-6)

@@ -57,7 +57,7 @@ def test_flat_equals_grid_layout():
 
 
 def test_bad_inputs_name_the_problem():
-    with pytest.raises(ValueError, match="advantage mode 'zscore'"):
+    with pytest.raises(ValueError, match="algo.advantage 'zscore'"):
         group_advantages(np.zeros((2, 2)), mode="zscore")
     with pytest.raises(ValueError, match="num_groups, group_size"):
         group_advantages(np.zeros(4))

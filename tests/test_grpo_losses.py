@@ -130,5 +130,5 @@ def test_bad_settings_are_named():
     x = np.zeros((1, 2), np.float32)
     with pytest.raises(ValueError, match="dual_clip"):
         ppo_clip_loss(x, x, x, x, dual_clip=0.5)
-    with pytest.raises(ValueError, match="kl_type 'k9'"):
+    with pytest.raises(ValueError, match="algo.kl_type 'k9'"):
         kl_penalty(x, x, "k9")

@@ -112,9 +112,13 @@ def test_missing_inputs_are_named():
 def test_settings_from_algo_config():
     algo = ml_collections.ConfigDict(
         dict(advantage="grpo", clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.0, kl_type="low_var_kl",
-             entropy_coef=0.001, loss_agg="token_mean", tis_cap=0.0, refill_groups=False)
+             entropy_coef=0.001, loss_agg="token_mean", tis_cap=0.0, refill_groups=False, policy_loss="ppo_clip")
     )
     s = LossSettings.from_algo_config(algo)
     assert s == LossSettings(dual_clip=3.0, entropy_coef=0.001)
     assert not s.needs_reference
     hash(s)  # usable as a static jit argument
+    # Dual clip off is 0 or None (slime applies none).
+    assert LossSettings(dual_clip=None) == LossSettings(dual_clip=0.0)
+    with pytest.raises(ValueError, match="policy_loss 'gspo'"):
+        LossSettings(policy_loss="gspo")

@@ -13,21 +13,27 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-ADVANTAGE_MODES = ("grpo", "mean_only")
+from t3rl_jax.rl import registry
+
+ADVANTAGE_MODES = registry.names("advantage")
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in ADVANTAGE_MODES:
-        raise ValueError(f"unknown advantage mode {mode!r}; expected one of {ADVANTAGE_MODES}")
+def grpo_estimator(centered: jax.Array, std: jax.Array, eps: float) -> jax.Array:
+    return centered / (std + eps)
+
+
+def mean_only_estimator(centered: jax.Array, std: jax.Array, eps: float) -> jax.Array:
+    del std, eps  # Dr. GRPO: no division by the std, which over-weights groups whose rewards barely differ
+    return centered
 
 
 def group_advantages(rewards: jax.Array, *, mode: str = "grpo", eps: float = 1e-6) -> jax.Array:
     """Advantages for rewards laid out [num_groups, group_size].
 
-    mode 'grpo': (r - mean_g) / (std_g + eps); 'mean_only': r - mean_g (Dr. GRPO: no division by
-    the std, which over-weights groups whose rewards barely differ).
+    `mode` names a registered estimator (`rl.registry`, kind "advantage"): 'grpo': (r - mean_g) /
+    (std_g + eps); 'mean_only': r - mean_g.
     """
-    _check_mode(mode)
+    estimator = registry.get("advantage", mode)
     if rewards.ndim != 2:
         raise ValueError(f"rewards must be [num_groups, group_size], got shape {rewards.shape}")
     rewards = rewards.astype(jnp.float32)
@@ -35,10 +41,8 @@ def group_advantages(rewards: jax.Array, *, mode: str = "grpo", eps: float = 1e-
     if group_size < 2:
         return jnp.zeros_like(rewards)
     centered = rewards - rewards.mean(axis=1, keepdims=True)
-    if mode == "mean_only":
-        return centered
     std = jnp.sqrt(jnp.sum(centered**2, axis=1, keepdims=True) / (group_size - 1))
-    return centered / (std + eps)
+    return estimator(centered, std, eps)
 
 
 def group_advantages_flat(
@@ -54,7 +58,7 @@ def group_advantages_flat(
     For batches where groups are not contiguous or not all the same size (e.g. after some
     episodes failed). `num_groups` must be static under jit. Groups of one episode get 0.
     """
-    _check_mode(mode)
+    estimator = registry.get("advantage", mode)
     if rewards.ndim != 1 or group_ids.shape != rewards.shape:
         raise ValueError(
             f"rewards and group_ids must both be [N]; got {rewards.shape} and {group_ids.shape}"
@@ -65,8 +69,6 @@ def group_advantages_flat(
     mean = total / jnp.maximum(count, 1.0)
     centered = rewards - mean[group_ids]
     has_peers = count[group_ids] >= 2
-    if mode == "mean_only":
-        return jnp.where(has_peers, centered, 0.0)
     sq = jax.ops.segment_sum(centered**2, group_ids, num_segments=num_groups)
     std = jnp.sqrt(sq / jnp.maximum(count - 1.0, 1.0))
-    return jnp.where(has_peers, centered / (std[group_ids] + eps), 0.0)
+    return jnp.where(has_peers, estimator(centered, std[group_ids], eps), 0.0)

@@ -13,12 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean")
+from t3rl_jax.rl import registry
 
-
-def _check_mode(mode: str) -> None:
-    if mode not in LOSS_AGG_MODES:
-        raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {LOSS_AGG_MODES}")
+LOSS_AGG_MODES = registry.names("loss_agg")
 
 
 def _effective_mask(mask: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
@@ -60,12 +57,7 @@ def aggregation_denominator(
 ) -> jax.Array:
     """What `aggregate` divides by: the number of masked tokens ('token_mean') or the number of
     sequences with at least one masked token ('seq_mean_token_mean')."""
-    _check_mode(mode)
-    mask = _effective_mask(mask, segment_ids)
-    if mode == "token_mean":
-        return jnp.sum(mask)
-    _, counts = _sequence_sums(jnp.zeros_like(mask), mask, segment_ids)
-    return jnp.sum(counts > 0).astype(jnp.float32)
+    return aggregate_parts(jnp.zeros(mask.shape, jnp.float32), mask, mode, segment_ids=segment_ids)[1]
 
 
 def aggregate(
@@ -93,13 +85,21 @@ def aggregate_parts(
     values: jax.Array, mask: jax.Array, mode: str = "token_mean", *, segment_ids: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """`aggregate`'s (numerator, local denominator): summed over micro-batches, both give the whole batch's."""
-    _check_mode(mode)
+    parts_fn = registry.get("loss_agg", mode)
     if values.shape != mask.shape:
         raise ValueError(f"values shape {values.shape} does not match mask shape {mask.shape}")
     mask = _effective_mask(mask, segment_ids)
-    values = values.astype(jnp.float32)
-    if mode == "token_mean":
-        return jnp.sum(values * mask), jnp.sum(mask)
+    return parts_fn(values.astype(jnp.float32), mask, segment_ids)
+
+
+def token_mean_parts(values, mask, segment_ids):
+    """Sum over all masked tokens, and their count: every token of the batch weighs the same."""
+    del segment_ids
+    return jnp.sum(values * mask), jnp.sum(mask)
+
+
+def seq_mean_token_mean_parts(values, mask, segment_ids):
+    """Sum over sequences of each sequence's token mean, and the number of sequences with a masked token."""
     sums, counts = _sequence_sums(values, mask, segment_ids)
     return jnp.sum(_safe_divide(sums, counts)), jnp.sum(counts > 0).astype(jnp.float32)
 

@@ -50,7 +50,8 @@ def pack(trajectories, advantages, *, row_length: int, num_rows: int | None = No
          pad_rows_to_multiple: int = 1) -> PackedBatch:
     """Pack trajectories (objects with `.arrays() -> (ids, mask, logprobs)`) into rows of `row_length` tokens.
 
-    Sequences longer than a row are cut (counted in `num_truncated`). `num_rows` fixes the row count (error if the
+    Sequences longer than a row are cut: their first `row_length` tokens are trained on, with the advantage of
+    the whole episode (its reward came from all of it, as in verl), and counted in `num_truncated`. `num_rows` fixes the row count (error if the
     trajectories do not fit); otherwise it is the number of bins rounded up to `pad_rows_to_multiple` so the batch
     divides the data-parallel devices.
     """
@@ -82,9 +83,11 @@ def pack(trajectories, advantages, *, row_length: int, num_rows: int | None = No
             out.segment_ids[r, sl] = seg
             out.sequence_ids[r, sl] = i
             out.advantages[r, sl] = advantages[i]
-            # Targets are the next token of the same sequence; the last kept token has none.
-            out.targets[r, offset:offset + n - 1] = ids[1:n]
-            out.loss_mask[r, offset:offset + n - 1] = mask[1:n]
-            out.rollout_logprobs[r, offset:offset + n - 1] = logp[1:n]
+            # Targets are the next token of the same sequence; the last token of a whole sequence has none, while
+            # a cut sequence's last kept token still predicts the first token past the cut.
+            m = min(len(ids) - 1, n)
+            out.targets[r, offset:offset + m] = ids[1:m + 1]
+            out.loss_mask[r, offset:offset + m] = mask[1:m + 1]
+            out.rollout_logprobs[r, offset:offset + m] = logp[1:m + 1]
             offset += n
     return out

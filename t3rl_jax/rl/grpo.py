@@ -1,9 +1,10 @@
 """The GRPO objective: clipped policy loss + optional KL to a reference - entropy bonus.
 
-    loss = agg(w_tis * ppo_clip) + kl_coef * agg(kl(pi || pi_ref)) - entropy_coef * agg(entropy)
+    loss = agg(w_tis * policy_loss) + kl_coef * agg(kl(pi || pi_ref)) - entropy_coef * agg(entropy)
 
-Pieces live in `advantages`, `losses`, `aggregation` and `entropy`; this module only wires them
-under one settings object built from the `algo` config section. `LossSettings` is a frozen
+Pieces live in `advantages`, `losses`, `aggregation` and `entropy`, chosen by name through `registry`
+(policy_loss, kl_type, loss_agg); this module only wires them under one settings object built from the
+`algo` config section. `LossSettings` is a frozen
 dataclass, so it can be a static argument of a jitted train step.
 """
 
@@ -15,8 +16,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from t3rl_jax.rl.aggregation import LOSS_AGG_MODES, aggregate_parts
-from t3rl_jax.rl.losses import KL_TYPES, kl_penalty, ppo_clip_loss, truncated_is_weights
+from t3rl_jax.rl import registry
+from t3rl_jax.rl.aggregation import aggregate_parts
+from t3rl_jax.rl.losses import kl_penalty, truncated_is_weights
 from t3rl_jax.rl.step_metrics import Weighted, token_mean
 
 
@@ -31,13 +33,15 @@ class LossSettings:
     loss_agg: str = "token_mean"
     tis_cap: float = 0.0  # 0 = no truncated importance sampling
 
+    policy_loss: str = "ppo_clip"
+
     def __post_init__(self):
         if self.dual_clip is None:
             object.__setattr__(self, "dual_clip", 0.0)
-        if self.loss_agg not in LOSS_AGG_MODES:
-            raise ValueError(f"loss_agg {self.loss_agg!r} is not one of {LOSS_AGG_MODES}")
-        if self.kl_type not in KL_TYPES:
-            raise ValueError(f"kl_type {self.kl_type!r} is not one of {KL_TYPES}")
+        for kind, name in (("loss_agg", self.loss_agg), ("kl", self.kl_type), ("policy_loss", self.policy_loss)):
+            if name not in registry.names(kind):
+                raise ValueError(f"{kind} {name!r} is not one of {registry.names(kind)} "
+                                 f"({registry.CONFIG_KEYS[kind]})")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.tis_cap < 0:
@@ -86,7 +90,7 @@ def grpo_loss(
     def parts(values):
         return aggregate_parts(values, mask, settings.loss_agg, segment_ids=segment_ids)
 
-    per_token, metrics = ppo_clip_loss(
+    per_token, metrics = registry.get("policy_loss", settings.policy_loss)(
         logp,
         old_logp,
         advantages,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from t3rl_jax.rl import registry
 from t3rl_jax.rl.step_metrics import Weighted, token_max, token_mean, token_min
 
 LOG_RATIO_CLAMP = 20.0
@@ -99,23 +100,27 @@ def truncated_is_weights(
     return jax.lax.stop_gradient(weights), metrics
 
 
-def _low_var_kl(logp, ref_logp):
+def low_var_kl(logp, ref_logp):
     # k3 estimator of KL(pi || ref): unbiased, always >= 0, lower variance than log(pi / ref).
     log_ratio = jnp.clip(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return jnp.clip(jnp.exp(log_ratio) - log_ratio - 1.0, -LOW_VAR_KL_CLAMP, LOW_VAR_KL_CLAMP)
 
 
-KL_ESTIMATORS = {
-    "low_var_kl": _low_var_kl,  # k3
-    "kl": lambda logp, ref: logp - ref,  # k1
-    "mse": lambda logp, ref: 0.5 * jnp.square(logp - ref),  # k2
-    "abs": lambda logp, ref: jnp.abs(logp - ref),
-}
-KL_TYPES = tuple(KL_ESTIMATORS)
+def k1_kl(logp, ref_logp):
+    return logp - ref_logp
+
+
+def mse_kl(logp, ref_logp):  # k2
+    return 0.5 * jnp.square(logp - ref_logp)
+
+
+def abs_kl(logp, ref_logp):
+    return jnp.abs(logp - ref_logp)
+
+
+KL_TYPES = registry.names("kl")
 
 
 def kl_penalty(logp: jax.Array, ref_logp: jax.Array, kind: str = "low_var_kl") -> jax.Array:
-    """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs."""
-    if kind not in KL_ESTIMATORS:
-        raise ValueError(f"unknown kl_type {kind!r}; expected one of {KL_TYPES}")
-    return KL_ESTIMATORS[kind](logp.astype(jnp.float32), ref_logp.astype(jnp.float32))
+    """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs; `kind` names a registered estimator."""
+    return registry.get("kl", kind)(logp.astype(jnp.float32), ref_logp.astype(jnp.float32))
