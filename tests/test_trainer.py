@@ -99,3 +99,16 @@ def test_mesh_that_does_not_fit_the_devices_is_a_config_error_not_a_traceback():
                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-3000:]
     assert "config error: mesh.data/fsdp/tensor/sequence" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_a_step_whose_every_episode_failed_in_the_environment_stops_before_any_update(tmp_path):
+    """Workers that cannot answer in time (a 1 ms step timeout): every episode fails, so the run must stop at once
+    naming the pool settings and the workers' reason, with no update and no checkpoint written."""
+    from test_resume import run_tiny
+
+    run = run_tiny(tmp_path / "run", tmp_path / "splits", extra=["env.step_timeout_s=0.001"])
+    assert run.returncode != 0
+    assert "EnvironmentBroken: step 0: all 2 episodes failed in the environment pool (env.num_workers=2" in run.stderr
+    assert "first reason:" in run.stderr
+    assert not [p for p in os.listdir(tmp_path / "run" / "checkpoints") if p.isdigit()]

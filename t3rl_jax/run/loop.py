@@ -77,6 +77,21 @@ def token_digest(trajs) -> float:
     return float(int.from_bytes(h.digest(), "little"))
 
 
+class EnvironmentBroken(RuntimeError):
+    """Every episode of a step failed in the environment pool: nothing to learn from, most likely nothing will be."""
+
+
+def check_environment(trajs, *, step: int, cfg) -> None:
+    """Stop before any update when every episode of the step failed in the environment (a pool whose workers die at
+    start-up, a broken bfcl-eval install): the error names the pool settings and the workers' first reason."""
+    failed = [t for t in trajs if t.termination == experience.ENV_FAILED]
+    if trajs and len(failed) == len(trajs):
+        reason = failed[0].extras.get("failure_reason", "no reason recorded")
+        raise EnvironmentBroken(f"step {step}: all {len(trajs)} episodes failed in the environment pool "
+                                f"(env.num_workers={cfg.env.num_workers}, env.step_timeout_s={cfg.env.step_timeout_s}); "
+                                f"first reason: {reason}. No update was made; the last checkpoint is unchanged.")
+
+
 def rollout_metrics(trajs) -> dict:
     rewards = np.asarray([t.reward for t in trajs])
     out = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
@@ -165,6 +180,7 @@ class Run:
         with profiling.scope("rollout"):
             exp = experience.collect(cfg, state.step, prompts, rollout)
         t_rollout = time.perf_counter() - t0
+        check_environment(exp.trajectories, step=state.step, cfg=cfg)
         metrics = {**rollout_metrics(exp.trajectories), **driver.metrics.summary(), **exp.stats}
         minis, stats = batch_builder.build(exp.groups, cfg, rows_per_micro=setup.rows_per_micro, cp=setup.cp)
         metrics.update(stats)
