@@ -20,6 +20,8 @@ class Trainer:
         self.setup: RunSetup = build_setup(cfg)
 
     def __getattr__(self, name):
+        if "setup" not in self.__dict__:
+            raise AttributeError(name)
         return getattr(self.__dict__["setup"], name)
 
     def run(self) -> dict:

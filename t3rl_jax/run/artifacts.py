@@ -5,6 +5,7 @@ first, which every process must take part in.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -15,6 +16,7 @@ from jax.experimental import multihost_utils
 
 from t3rl_jax import model_factory, params_checkpoint
 from t3rl_jax.models import hf_io
+from t3rl_jax.metrics import to_json_value
 from t3rl_jax.plots import plot_metrics
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,14 @@ def export_hf(params, config, out_dir: str, *, dtype: str, init_from: str) -> st
         hf_io.export_hf_dir(pure, config, out_dir, dtype=dtype, assets=files, chat_template=template)
         log.info("exported %s", out_dir)
     return out_dir
+
+
+def write_jsonl(path: str, records: list[dict]) -> None:
+    """`records` (JSON-able metric dicts) one per line; nothing is written for an empty list."""
+    if records and is_primary():
+        with open(path, "w") as f:
+            for record in records:
+                f.write(json.dumps({k: to_json_value(k, v) for k, v in record.items()}) + "\n")
 
 
 def plots(workdir: str) -> list[str]:

@@ -34,6 +34,7 @@ from t3rl_jax.run import state as state_lib
 from t3rl_jax.run.setup import RunSetup
 
 log = logging.getLogger(__name__)
+WARM_START_FILE = "warm_start.jsonl"  # one line per supervised warm-start step (metrics.jsonl holds GRPO steps)
 
 
 def prompt_iterator(cfg, chat) -> data_lib.PromptIterator:
@@ -162,7 +163,8 @@ class Run:
             return state, engine_for(state.params), True
         params = model_factory.init_params(self.cfg, setup.bundle)
         engine = engine_for(params)
-        params, _ = warm_start(setup, params, engine=engine, pool=pool)
+        params, warm_metrics = warm_start(setup, params, engine=engine, pool=pool)
+        artifacts.write_jsonl(os.path.join(self.cfg.workdir, WARM_START_FILE), warm_metrics)
         engine.update_params(params)
         opt_state = jax.jit(setup.optimizer.init, out_shardings=setup.opt_shardings)(params)
         reference = state_lib.copy_tree(params) if setup.step_settings.loss.needs_reference else None
