@@ -5,7 +5,7 @@ turn, finish with its progress reward), up to 64 episodes in flight. Theirs: wha
 its executor runs the turn's calls (as its inference loop does), then `multi_turn_checker` scores the entry.
 Both with 1 and 2 processes (for ours: worker processes; the calling process only submits). Best of --repeats.
 
-    python benchmarks/env_pool.py [--repeats 3] [--entries 800]
+    python benchmarks/env_pool.py [--repeats 3] [--entries 800] [--prompt-style t3rl|bfcl]
 
 Prints episodes/s per configuration and `ratio=<ours/theirs, 1 process>` last.
 """
@@ -79,19 +79,15 @@ def time_theirs(entry_ids: list[str], processes: int) -> float:
 
 
 # ---- ours ------------------------------------------------------------------------------------------------------
-def time_ours(entry_ids: list[str], workers: int) -> float:
+def time_ours(entry_ids: list[str], workers: int, prompt_style: str = "t3rl") -> float:
     with EnvPool(workers, step_timeout_s=60) as pool:
-        if workers:  # wait until every worker has loaded the catalog
-            warm = [pool.open(entry_ids[0]) for _ in range(workers)]
-            for remote in warm:
-                remote.started.result(300)
-                remote.finish().result(60)
+        pool.wait_ready()  # every worker has loaded the catalog
         slots = threading.BoundedSemaphore(IN_FLIGHT)
         finished = []
         start = time.perf_counter()
         for entry_id in entry_ids:
             slots.acquire()
-            remote = pool.open(entry_id)
+            remote = pool.open(entry_id, prompt_style=prompt_style)
             for calls in catalog.load_entry(entry_id).ground_truth:
                 if calls:
                     remote.step(list(calls))
@@ -112,10 +108,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--entries", type=int, default=800, help="first N of the 800 entries, category-interleaved")
+    parser.add_argument("--prompt-style", default="t3rl", help="what our episodes render (environments/bfcl/prompts)")
     args = parser.parse_args()
     by_category = [catalog.entry_ids(c) for c in catalog.CATEGORIES]
     entry_ids = [i for group in zip(*by_category) for i in group][: args.entries]
-    print(f"entries={len(entry_ids)} repeats={args.repeats} cpus={os.cpu_count()}")
+    print(f"entries={len(entry_ids)} repeats={args.repeats} cpus={os.cpu_count()} prompt_style={args.prompt_style}")
 
     configs = [("theirs_1proc", time_theirs, 1), ("ours_1worker", time_ours, 1), ("ours_inprocess", time_ours, 0),
                ("theirs_2proc", time_theirs, 2), ("ours_2workers", time_ours, 2)]
@@ -123,7 +120,8 @@ def main() -> None:
     results = {label: 0.0 for label, _, _ in configs}
     for _ in range(args.repeats):
         for label, fn, n in configs:
-            results[label] = max(results[label], fn(entry_ids, n))
+            rate = fn(entry_ids, n) if fn is time_theirs else fn(entry_ids, n, args.prompt_style)
+            results[label] = max(results[label], rate)
     for label, rate in results.items():
         print(f"{label:<16} {rate:8.1f} episodes/s")
     print(f"ratio={results['ours_1worker'] / results['theirs_1proc']:.3f}")

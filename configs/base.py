@@ -52,6 +52,9 @@ def recipe() -> ml_collections.ConfigDict:
         param_dtype="float32",  # fp32 master weights; Adam at lr 1e-6 underflows in bf16
         remat="full",
         scan_layers=True,
+        # Training attention kernel (models/attention_backends.py): auto = cuDNN on CUDA, splash on TPU, the
+        # blockwise kernel on CPU and under context parallelism; or cudnn / splash / blockwise / xla by name.
+        attention="auto",
     )
     # 8 GPUs: FSDP across all of them; stage 2 trades some FSDP for context parallelism.
     c.mesh = dict(data=1, fsdp=-1, tensor=1, sequence=1, coordinator_address="", num_processes=1, process_id=0)
@@ -83,6 +86,10 @@ def recipe() -> ml_collections.ConfigDict:
     )
     # Assumption: T3RL keeps the paper's augmented feedback on (its stages mirror the paper's 2-3).
     c.env = dict(augment=True, num_workers=32, step_timeout_s=10.0, reward="progress")
+    # What episodes show the model (environments/bfcl/prompts.py): "t3rl" = T3RL's system prompt, its tool docs
+    # (bfcl-eval's convert_to_tool: response schemas, float notes) and reveal message; "bfcl" = bfcl-eval's own
+    # Qwen FC protocol (no system prompt, its loader's docs), the leaderboard's, for evaluation.
+    c.prompt = dict(style="t3rl")
     c.algo = dict(
         advantage="grpo",
         policy_loss="ppo_clip",  # names registered in t3rl_jax/rl/registry.py, as are advantage, kl_type, loss_agg

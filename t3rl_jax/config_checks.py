@@ -22,13 +22,15 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
     "dump_hlo": None,
     "compilation_cache_dir": None,
     "model": ("preset", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
-              "intermediate_size", "vocab_size", "dtype", "param_dtype", "remat", "scan_layers"),
+              "intermediate_size", "vocab_size", "dtype", "param_dtype", "remat", "scan_layers",
+              "attention"),
     "mesh": ("data", "fsdp", "tensor", "sequence", "coordinator_address", "num_processes", "process_id"),
     "data": ("train_file", "val_file", "splits_dir", "prompts_per_step", "shuffle", "max_entries", "categories"),
     "rollout": ("samples_per_prompt", "temperature", "top_p", "top_k", "max_concurrent_decodes",
                 "max_prefill_length", "max_response_tokens", "max_context_tokens", "max_steps_per_turn",
                 "max_model_calls", "prefill_tokens_per_call"),
     "env": ("augment", "num_workers", "step_timeout_s", "reward"),
+    "prompt": ("style",),
     "algo": ("advantage", "policy_loss", "adv_eps", "clip_low", "clip_high", "dual_clip", "kl_coef", "kl_type", "entropy_coef",
              "loss_agg", "filter_zero_variance", "refill_groups", "max_refill_batches", "failed_episodes",
              "old_logprobs", "tis_cap"),
@@ -47,9 +49,12 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots_saveable"),
+    # Mirrors t3rl_jax.models.attention_backends.BACKENDS.
+    "model.attention": ("auto", "cudnn", "splash", "blockwise", "xla"),
     "env.reward": ("progress", "binary", "format"),
     # GRPO building blocks: the names registered in t3rl_jax/rl/registry.py (which imports no JAX).
     **{key: registry.names(kind) for kind, key in registry.CONFIG_KEYS.items()},
+    "prompt.style": ("t3rl", "bfcl"),  # environments.bfcl.prompts.STYLES (tests/test_bfcl_prompts.py checks)
     "algo.old_logprobs": ("trainer", "rollout"),
     "algo.failed_episodes": ("exclude", "drop_group"),
     "train.lr_schedule": ("constant", "cosine"),
@@ -142,6 +147,8 @@ def validate(cfg, *, known_presets: Sequence[str] | None = None) -> None:
     _require(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", "must be None or > 0", cfg)
     _require(m.num_heads % m.num_kv_heads == 0, "model.num_heads",
              f"must be a multiple of num_kv_heads={m.num_kv_heads}", cfg)
+    _require(m.attention != "cudnn" or m.dtype == "bfloat16", "model.attention",
+             f"'cudnn' needs model.dtype='bfloat16' (got {m.dtype!r})", cfg)
 
     mesh = cfg.mesh
     axes = ("data", "fsdp", "tensor", "sequence")

@@ -9,7 +9,6 @@ trainer is what the engine samples from next, with no copy.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Any
 
@@ -20,8 +19,7 @@ from flax import nnx
 from t3rl_jax import sharding as sh
 from t3rl_jax.models import hf_io
 from t3rl_jax.models.attention import attend
-from t3rl_jax.models.chunked_attention import flash_attention
-from t3rl_jax.models.context_parallel import make_context_parallel_attention
+from t3rl_jax.models.attention_backends import get_attention
 from t3rl_jax.models.embedding import make_sharded_embedding_lookup
 from t3rl_jax.models.model_config import Qwen3Config, preset
 from t3rl_jax.models.qwen3 import Qwen3, no_constraint
@@ -79,11 +77,11 @@ def build(cfg, mesh: jax.sharding.Mesh, rules=sh.LOGICAL_AXIS_RULES) -> ModelBun
     """Abstract models and shardings; nothing is allocated."""
     mcfg = model_config(cfg)
     kwargs = _model_kwargs(cfg)
-    cp = mesh.shape.get("sequence", 1)
-    # Blockwise (flash-style) attention: exact, never builds the [heads, T, T] scores, and on XLA CPU several
-    # times faster than one batched einsum (benchmarks/model_throughput.py).
-    attention_fn = (make_context_parallel_attention(mesh, rules) if cp > 1
-                    else functools.partial(flash_attention, block_size=TRAIN_ATTENTION_BLOCK))
+    # The platform's fused kernel (cuDNN, splash), or the blockwise one on CPU and under context parallelism:
+    # exact, never builds the [heads, T, T] scores, and on XLA CPU several times faster than one batched einsum
+    # (benchmarks/model_throughput.py).
+    attention_fn = get_attention(cfg.model.get("attention", "auto"), mesh=mesh, rules=rules,
+                                 block_size=TRAIN_ATTENTION_BLOCK, dtype=cfg.model.dtype)
     # The explicit lookup keeps XLA from replicating the looked-up activations (models/embedding.py).
     train = nnx.eval_shape(lambda: Qwen3(mcfg, rngs=nnx.Rngs(0), attention_fn=attention_fn,
                                          activation_constraint=sh.make_activation_constraint(mesh, rules),

@@ -1,7 +1,9 @@
 """Our per-turn correctness against bfcl-eval's own multi-turn checker on thousands of damaged trajectories.
 
-Every trajectory is built from ground-truth call strings (dropped, duplicated, reordered, an argument changed, a
-wrong call added, a turn truncated), so bfcl-eval's `eval` only ever sees strings this test generated.
+Every trajectory is built from ground-truth call strings (dropped, duplicated, reordered, an argument changed to
+another valid value or to an ill-typed one, an argument dropped or an unexpected one added, a wrong call added, a
+turn truncated), so bfcl-eval's `eval` only ever sees strings this test generated. Ill-typed calls run in both
+executors (bfcl-eval runs them, so ours must).
 
 bfcl-eval's `multi_turn_checker` stops at the first failing turn, so it is compared two ways:
   * itself, on every prefix of turns: valid(prefix k) must equal "all our turns <= k with ground truth correct";
@@ -28,8 +30,25 @@ _names = itertools.count()
 
 
 # ---- damage -------------------------------------------------------------------------------------------------
+def _ill_typed_value(value, rng: random.Random):
+    """A value of another JSON type than `value` (what a model gets wrong: numbers as strings, a list as a string,
+    null for a required value)."""
+    if isinstance(value, bool):
+        return rng.choice([str(value).lower(), int(value), None])
+    if isinstance(value, (int, float)):
+        return rng.choice([str(value), [value], None, True])
+    if isinstance(value, str):
+        return rng.choice([len(value), [value], {"value": value}, None, 3.5])
+    if isinstance(value, list):
+        return rng.choice([", ".join(map(str, value)), value[0] if value else 0, None])
+    if isinstance(value, dict):
+        return rng.choice([str(value), list(value.values()), None])
+    return 0
+
+
 def _changed_value(value, rng: random.Random):
-    # Schema-valid replacements only: our executor rejects ill-typed arguments that bfcl-eval would run.
+    if rng.random() < 0.4:
+        return _ill_typed_value(value, rng)
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):
@@ -47,11 +66,19 @@ def _changed_value(value, rng: random.Random):
 
 def _change_argument(call: str, rng: random.Random) -> str:
     parsed = parse_call_string(call)
-    if not parsed.arguments or parsed.positional:
+    if parsed.positional:
         return call
-    key = rng.choice(sorted(parsed.arguments))
     arguments = dict(parsed.arguments)
-    arguments[key] = _changed_value(arguments[key], rng)
+    how = rng.random()
+    if how < 0.15:  # an argument the method does not take
+        arguments[rng.choice(["path", "verbose", "folder_name"])] = "x"
+    elif not arguments:
+        return call
+    elif how < 0.3:  # a required or optional argument left out
+        del arguments[rng.choice(sorted(arguments))]
+    else:
+        key = rng.choice(sorted(arguments))
+        arguments[key] = _changed_value(arguments[key], rng)
     return format_call_string(parsed.name, arguments)
 
 

@@ -123,12 +123,17 @@ def test_step_requires_calls():
         episode.step([])
 
 
-def test_miss_func_reveal_turn_adds_tools():
+def test_miss_func_reveal_turn_reveals_the_tool_in_its_message():
     episode = Episode("multi_turn_miss_func_0")
     assert "sort" not in [t["function"]["name"] for t in episode.tools]
     messages = None
     for _ in range(3):
         messages = episode.end_turn()
-    assert messages == [{"role": "user", "content": catalog.ADDED_FUNCTIONS_MESSAGE}]
+    assert len(messages) == 1 and messages[0]["content"].endswith("\n" + catalog.ADDED_FUNCTIONS_MESSAGE)
+    assert '"name": "sort"' in messages[0]["content"]
     assert [t["function"]["name"] for t in episode.revealed_tools] == ["sort"]
-    assert "sort" in [t["function"]["name"] for t in episode.tools]
+    # T3RL keeps the tool list of the first turn: the revealed doc reaches the model through the message.
+    assert "sort" not in [t["function"]["name"] for t in episode.tools]
+    # The revealed tool runs (the class method answers, not the executor's unknown-name error).
+    result = episode.step([{"name": "sort", "arguments": {"file_name": "x.txt"}}])[0]
+    assert "not defined" not in result and "x.txt" in result

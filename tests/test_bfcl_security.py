@@ -7,7 +7,7 @@ import pytest
 
 from environments.bfcl import catalog
 from environments.bfcl.episode import Episode
-from environments.bfcl.executor import BAD_ARGUMENTS, BAD_CALL, UNKNOWN_TOOL, ToolEnvironment
+from environments.bfcl.executor import BAD_ARGUMENTS, BAD_CALL, EXCEPTION, UNKNOWN_TOOL, ToolEnvironment
 
 ENTRY = "multi_turn_base_15"  # GorillaFileSystem + MathAPI
 
@@ -35,7 +35,7 @@ def _crafted_objects(marker: str) -> list[tuple[dict, str]]:
         ({"name": "x" * 1_000_000, "arguments": {}}, UNKNOWN_TOOL),
         ({"name": "cd", "arguments": {"folder": "a" * 1_000_000}}, BAD_ARGUMENTS),
         ({"name": "cd", "arguments": {"folder": _nested(100_000)}}, BAD_ARGUMENTS),
-        ({"name": "cd", "arguments": {"__class__": "x"}}, BAD_ARGUMENTS),
+        ({"name": "cd", "arguments": {"__class__": "x"}}, EXCEPTION),  # runs into Python's TypeError, as in bfcl
         ({"name": "mean", "arguments": {"numbers": _nested(50)}}, BAD_ARGUMENTS),
         ({"name": "cd", "arguments": "folder='x'"}, BAD_CALL),
         ({"name": None, "arguments": {}}, BAD_CALL),

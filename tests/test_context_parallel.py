@@ -142,3 +142,25 @@ def test_cp_attention_bad_input_names_both_numbers():
         fn(q, k, v, **kw)
     with pytest.raises(ValueError, match=r"unknown context-parallel strategy 'tree'"):
         cp.make_context_parallel_attention(mesh, strategy="tree")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 8), (1, 1, 2, 4), (2, 1, 1, 4)], ids=lambda c: "x".join(map(str, c)))
+def test_cp_masked_local_kernel_matches_single_device(shape):
+    # The form cuDNN runs under CP (queries against all-gathered K/V, explicit mask), here with XLA's kernel on
+    # CPU; the cuDNN kernel itself is checked on the GPU (tests/test_attention_backends.py).
+    q, k, v, pos, seg = packed_padded_batch()
+    w = np.random.default_rng(2).standard_normal(q.shape).astype(np.float32)
+    want = output_and_grads(attention.attend, q, k, v, pos, seg, w)
+    mesh = sh.make_mesh(dict(zip(sh.MESH_AXES, shape)))
+    fn = cp.make_context_parallel_attention(mesh, local_kernel="xla")
+    got = output_and_grads(fn, q, k, v, pos, seg, w, cp_size=shape[3])
+    assert_close(got, want)
+    assert np.all(np.asarray(got[0])[0, 29:] == 0)  # padding rows give zeros
+
+
+def test_cp_local_kernel_choices_are_checked():
+    mesh = sh.make_mesh(dict(data=1, fsdp=1, tensor=2, sequence=4))
+    with pytest.raises(ValueError, match=r"unknown context-parallel local kernel 'splash'"):
+        cp.make_context_parallel_attention(mesh, local_kernel="splash")
+    with pytest.raises(ValueError, match=r"local kernel 'cudnn' runs with strategy 'all_gather' only, got 'ring'"):
+        cp.make_context_parallel_attention(mesh, strategy="ring", local_kernel="cudnn")

@@ -1,7 +1,8 @@
-"""Check tool-call arguments against a tool's JSON schema before anything runs.
+"""Tool-call arguments: the size limits a call must meet to run at all, and the check against the tool's schema.
 
-Pure functions. Returns the first problem found (or None) as an `ArgumentProblem`, whose fields feed both the
-plain error message and the augmentation hint.
+Pure functions. Each returns the first problem found (or None) as an `ArgumentProblem`. Only `size_problem` stops a
+call (a resource limit: bfcl-eval itself would run any size); schema problems never stop one, because bfcl-eval
+runs ill-typed calls and so must we. They feed the augmentation hint and the format score.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 # Bounds on what a model may pass: ground-truth arguments are at most a few hundred characters and 3 levels deep.
+# Far above what a reply can carry in practice; they bound the memory and recursion of copying and pickling.
 MAX_DEPTH = 16
-MAX_STRING_CHARS = 20_000
+MAX_STRING_CHARS = 100_000
 MAX_TOTAL_VALUES = 10_000
 
 _PY_TYPES = {
@@ -66,7 +68,8 @@ def _matches_type(value: Any, json_type: str) -> bool:
     return isinstance(value, _PY_TYPES[json_type])
 
 
-def _size_problem(arguments: dict) -> ArgumentProblem | None:
+def size_problem(arguments: Any) -> ArgumentProblem | None:
+    """A call whose arguments break the size limits does not run."""
     # Iterative walk: a deeply nested value must not exhaust the interpreter stack here.
     stack = [(arguments, 0)]
     count = 0
@@ -116,14 +119,16 @@ def _value_problem(value: Any, schema: dict, path: str) -> ArgumentProblem | Non
 
 
 def check_arguments(arguments: Any, parameters: dict) -> ArgumentProblem | None:
-    """First problem of `arguments` against the `parameters` object schema of a tool, or None if valid.
-
-    Optional parameters may be null (the method then sees None, as with a Python default of None)."""
+    """First problem of `arguments` (size limits, then the `parameters` object schema of a tool), or None."""
     if not isinstance(arguments, dict):
         return ArgumentProblem("type", "", f"arguments must be an object, got {_type_name(arguments)}", "object")
-    problem = _size_problem(arguments)
-    if problem:
-        return problem
+    return size_problem(arguments) or schema_problem(arguments, parameters)
+
+
+def schema_problem(arguments: dict, parameters: dict) -> ArgumentProblem | None:
+    """First problem of `arguments` (within the size limits) against the `parameters` object schema, or None.
+
+    Optional parameters may be null (the method then sees None, as with a Python default of None)."""
     properties = parameters.get("properties", {})
     required = parameters.get("required", [])
     for name in arguments:

@@ -74,12 +74,11 @@ def _parse_cached(text: str) -> Call:
 
 
 def call_from_object(obj: Any) -> Call:
-    """`{"name": str, "arguments": dict}` (arguments may be omitted for tools without parameters) -> Call."""
+    """`{"name": str, "arguments": dict}` (arguments may be omitted for tools without parameters) -> Call.
+
+    Other keys (an "id", a "type") are ignored, as bfcl-eval's and T3RL's parsers ignore them."""
     if not isinstance(obj, dict):
         raise CallSyntaxError(f"a tool call must be an object with 'name' and 'arguments', got {type(obj).__name__}")
-    extra = set(obj) - {"name", "arguments"}
-    if extra:
-        raise CallSyntaxError(f"unexpected keys in tool call: {sorted(extra)}")
     name = obj.get("name")
     if not isinstance(name, str) or not name:
         raise CallSyntaxError(f"tool call 'name' must be a non-empty string, got {name!r}"[:300])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from environments.bfcl import catalog, hints, reward
+from environments.bfcl import catalog, hints, prompts, reward
 from environments.bfcl.executor import BAD_ARGUMENTS, BAD_CALL, UNKNOWN_TOOL, ToolEnvironment
 from environments.bfcl.ground_truth import ground_truth_trace
 
@@ -34,11 +34,14 @@ class Episode:
     """A BFCL multi-turn episode driven one model reply at a time.
 
     `augment` appends corrective hints to failed results; `reward_kind` picks what `.reward` returns
-    ("progress", "binary" or "format")."""
+    ("progress", "binary" or "format"); `prompt_style` picks the system prompt, tool docs and reveal messages
+    (`environments.bfcl.prompts`)."""
 
-    def __init__(self, entry_id: str, *, augment: bool = False, reward_kind: str = "progress"):
+    def __init__(self, entry_id: str, *, augment: bool = False, reward_kind: str = "progress",
+                 prompt_style: str = prompts.DEFAULT_STYLE):
         if reward_kind not in reward.REWARD_KINDS:
             raise ValueError(f"unknown reward kind {reward_kind!r}; expected one of {reward.REWARD_KINDS}")
+        self.prompt_style = prompts.check_style(prompt_style)
         self.entry = catalog.load_entry(entry_id)
         self.augment = augment
         self.reward_kind = reward_kind
@@ -64,23 +67,29 @@ class Episode:
 
     @property
     def tools(self) -> list[dict]:
-        """JSON-schema tools visible in the current turn."""
-        return catalog.tool_schemas_at(self.entry, min(self.turn, self.num_turns - 1))
+        """The style's tool docs: the first turn's tools, kept for the whole episode (revealed tools arrive in
+        the reveal message)."""
+        return prompts.tools(self.entry, self.prompt_style)
+
+    @property
+    def tools_json(self) -> str:
+        return prompts.tools_json(self.entry, self.prompt_style)
 
     @property
     def revealed_tools(self) -> list[dict]:
-        """Tools that became visible at the current turn (miss_func reveal turns), else []."""
-        return [catalog.tool_schema(n) for n in self.entry.missed_function.get(self.turn, ())]
+        """Tools revealed at the current turn (miss_func reveal turns) in the style's doc form, else []."""
+        return prompts.revealed_tools(self.entry, self.turn, self.prompt_style)
 
     @property
     def first_messages(self) -> list[dict]:
-        return self.entry.turn_messages(0)
+        """The style's system prompt (if any) and the user messages of turn 0."""
+        return prompts.first_messages(self.entry, self.prompt_style)
 
     @property
     def current_messages(self) -> list[dict]:
-        """User messages that opened the current turn."""
+        """User messages that opened the current turn (the style's reveal message at a reveal turn)."""
         self._require_open()
-        return self.entry.turn_messages(self.turn)
+        return prompts.turn_messages(self.entry, self.turn, self.prompt_style)
 
     # ---- driving the episode ---------------------------------------------------------------------------------
     def step(self, calls: list) -> list[str]:
@@ -95,8 +104,8 @@ class Episode:
             self._results.append(outcome.result)
             # Held-back miss_func tools run as in bfcl-eval (its own ground truth sometimes calls one early),
             # so any tool of the entry's classes counts as known here.
-            if outcome.kind not in (UNKNOWN_TOOL, BAD_ARGUMENTS, BAD_CALL):
-                well_formed += 1
+            if outcome.kind not in (UNKNOWN_TOOL, BAD_ARGUMENTS, BAD_CALL) and outcome.problem is None:
+                well_formed += 1  # ill-typed calls run (as in bfcl-eval) but are not well-formed
             text = outcome.result
             if self.augment:
                 hint = hints.hint_for(outcome, visible)
@@ -149,7 +158,7 @@ class Episode:
         if self.turn >= self.num_turns:
             self.done = True
             return None
-        return self.entry.turn_messages(self.turn)
+        return prompts.turn_messages(self.entry, self.turn, self.prompt_style)
 
     def fail(self, reason: str) -> None:
         """Mark the episode failed (e.g. its worker crashed): every reward becomes 0."""

@@ -1,8 +1,11 @@
 """Safe execution of tool calls on one episode's own instances of the bfcl-eval API classes.
 
-A call runs only if its name is exactly a documented public method of one of the entry's classes; its arguments
-are bound with the method's signature and checked against the tool schema first. Nothing is ever `eval`ed.
-Results are stringified exactly as bfcl-eval's executor does, so reward checks compare the same strings.
+A call runs only if its name is exactly a documented public method of one of the entry's classes and its arguments
+are plain data within the size limits; nothing is ever `eval`ed. Beyond that, what bfcl-eval's executor would run
+runs: ill-typed, missing or unexpected arguments go to the method as given, and Python's own error (the
+TypeError a wrong signature raises, or the method's) is the result, exactly as in bfcl-eval. The schema check
+still runs, but only to inform hints and the format score (`CallOutcome.problem`). Results are stringified exactly
+as bfcl-eval's executor does, so reward checks compare the same strings.
 
 Isolation: each environment builds fresh instances from a deep copy of the entry's config. In long-context mode
 bfcl-eval's classes splice module-level data (e.g. TravelAPI's extra credit cards) into instance state by
@@ -25,7 +28,7 @@ from typing import Any
 import mpmath
 
 from environments.bfcl import catalog
-from environments.bfcl.arguments import ArgumentProblem, check_arguments
+from environments.bfcl.arguments import ArgumentProblem, schema_problem, size_problem
 from environments.bfcl.calls import Call, CallSyntaxError, to_call
 
 from bfcl_eval.constants.executable_backend_config import (  # noqa: E402  (catalog set BFCL_PROJECT_ROOT)
@@ -33,7 +36,8 @@ from bfcl_eval.constants.executable_backend_config import (  # noqa: E402  (cata
     STATELESS_CLASSES,
 )
 
-# Outcome kinds. "ok" and "tool_error" ran the method; the others ran nothing.
+# Outcome kinds. "ok" and "tool_error" ran the method and it returned; "exception": it (or binding its arguments)
+# raised; the others ran nothing ("bad_arguments": over the size limits).
 OK, TOOL_ERROR, EXCEPTION, UNKNOWN_TOOL, BAD_ARGUMENTS, BAD_CALL = (
     "ok", "tool_error", "exception", "unknown_tool", "bad_arguments", "bad_call",
 )
@@ -50,7 +54,7 @@ class CallOutcome:
     kind: str
     class_name: str | None = None
     error: str | None = None  # error text, for hints
-    problem: ArgumentProblem | None = None
+    problem: ArgumentProblem | None = None  # what the schema check found (the call ran anyway, unless too large)
 
     @property
     def ran(self) -> bool:
@@ -184,23 +188,24 @@ class ToolEnvironment:
             else:
                 message = f"{_short(call.name)!r} is not a valid tool name"
             return CallOutcome(_short(call.name), _ERROR_PREFIX + message, UNKNOWN_TOOL, error=message)
-        arguments, problem = self._bind(call, tool)
-        if problem is not None:
-            return CallOutcome(call.name, _ERROR_PREFIX + problem.message, BAD_ARGUMENTS, tool.class_name,
-                               problem.message, problem)
-        return self._run(call.name, tool, arguments)
+        too_large = size_problem({"positional": list(call.positional), "named": call.arguments})
+        if too_large is not None:
+            return CallOutcome(call.name, _ERROR_PREFIX + too_large.message, BAD_ARGUMENTS, tool.class_name,
+                               too_large.message, too_large)
+        return self._run(call, tool, self._schema_problem(call, tool))
 
     @staticmethod
-    def _bind(call: Call, tool: _Tool) -> tuple[dict, ArgumentProblem | None]:
+    def _schema_problem(call: Call, tool: _Tool) -> ArgumentProblem | None:
         arguments = call.arguments
         if call.positional:
             try:
                 arguments = dict(tool.signature.bind(*call.positional, **call.arguments).arguments)
             except TypeError as e:
-                return {}, ArgumentProblem("unexpected", "", f"{call.name}(): {e}")
-        return arguments, check_arguments(arguments, tool.parameters)
+                return ArgumentProblem("unexpected", "", f"{call.name}(): {e}")
+        return schema_problem(arguments, tool.parameters)  # sizes were checked before
 
-    def _run(self, name: str, tool: _Tool, arguments: dict) -> CallOutcome:
+    def _run(self, call: Call, tool: _Tool, problem: ArgumentProblem | None) -> CallOutcome:
+        name = call.name
         instance = self.instances[tool.class_name]
         context = decimal.getcontext()
         saved_prec, saved_dps = context.prec, mpmath.mp.dps
@@ -208,16 +213,17 @@ class ToolEnvironment:
             # Stringify inside the guard and before restoring precision, as bfcl-eval does: str() itself can fail
             # (e.g. ints past Python's digit limit) and mpmath/Decimal values print at the precision they carry.
             try:
-                value = tool.function(instance, **arguments)
+                # As bfcl-eval's eval of `instance.name(...)` would: a bad signature raises Python's TypeError.
+                value = tool.function(instance, *call.positional, **call.arguments)
                 result = stringify_result(value)
             except Exception as e:
                 message = str(e)
-                return CallOutcome(name, _ERROR_PREFIX + message, EXCEPTION, tool.class_name, message)
+                return CallOutcome(name, _ERROR_PREFIX + message, EXCEPTION, tool.class_name, message, problem)
         finally:
             context.prec = saved_prec
             mpmath.mp.dps = saved_dps
         error = _error_text(value)
-        return CallOutcome(name, result, TOOL_ERROR if error is not None else OK, tool.class_name, error)
+        return CallOutcome(name, result, TOOL_ERROR if error is not None else OK, tool.class_name, error, problem)
 
     def public_state(self) -> dict[str, dict[str, Any]]:
         """Live public attributes of every instance (what bfcl-eval's state check compares)."""

@@ -177,8 +177,8 @@ def hint_for(outcome: CallOutcome, visible_tools: list[str]) -> str | None:
         return _unknown_tool_hint(outcome.name, visible_tools)
     if outcome.kind == BAD_CALL:
         return 'A tool call is a JSON object {"name": <tool name>, "arguments": {<parameter>: <value>, ...}}.'
-    if outcome.kind == BAD_ARGUMENTS:
-        return _argument_hint(outcome)
+    if outcome.kind == BAD_ARGUMENTS or (outcome.problem is not None and outcome.kind in (TOOL_ERROR, EXCEPTION)):
+        return _argument_hint(outcome)  # a call that failed with arguments off the schema: the schema is the hint
     if outcome.kind in (TOOL_ERROR, EXCEPTION) and outcome.error is not None:
         for rule in HINT_TABLE:
             if rule.class_name != outcome.class_name or (rule.tools and outcome.name not in rule.tools):

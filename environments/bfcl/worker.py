@@ -13,12 +13,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from environments.bfcl import catalog
+from environments.bfcl import catalog, prompts
 from environments.bfcl.episode import Episode, EpisodeResult
 
 
 @dataclass(frozen=True)
 class EpisodeStart:
+    """Reply to open: the prompt style's first messages (its system prompt, if any, then turn 0's user messages)
+    and its tool docs for the whole episode."""
+
     entry_id: str
     num_turns: int
     tools_json: str  # kept as JSON across the pipe: far cheaper to pickle than ~40 nested schemas
@@ -26,14 +29,14 @@ class EpisodeStart:
 
     @property
     def tools(self) -> list[dict]:
-        """Tools visible in the first turn."""
         return json.loads(self.tools_json)
 
 
 @dataclass(frozen=True)
 class TurnEnd:
-    """Reply to end_turn: the next turn's user messages (None when the episode is over), the tools revealed at
-    that turn ([] almost always: only miss_func reveal turns add tools) and the turn verdicts so far."""
+    """Reply to end_turn: the next turn's user messages (None when the episode is over; at a miss_func reveal turn
+    the style's reveal message, which already carries the revealed docs), the tools revealed at that turn in the
+    style's doc form ([] on every other turn) and the turn verdicts so far."""
 
     next_messages: list[dict] | None
     revealed_tools: list[dict]
@@ -50,12 +53,13 @@ class EpisodeTable:
         if op == "open":
             if key in self.episodes:
                 raise ValueError(f"episode key {key} is already open")
-            entry_id, augment, reward_kind = args
-            episode = Episode(entry_id, augment=augment, reward_kind=reward_kind)
+            entry_id, augment, reward_kind, prompt_style = args
+            episode = Episode(entry_id, augment=augment, reward_kind=reward_kind, prompt_style=prompt_style)
             self.episodes[key] = episode
-            tools_json = catalog.tool_schemas_json_at(episode.entry, 0)
-            return EpisodeStart(episode.entry_id, episode.num_turns, tools_json, episode.first_messages)
+            return EpisodeStart(episode.entry_id, episode.num_turns, episode.tools_json, episode.first_messages)
         if op == "warmup":
+            # Everything an episode needs once per process: the catalog, and every style's tool docs.
+            prompts.preload()
             return len(catalog.all_entry_ids())
         episode = self.episodes.get(key)
         if episode is None:

@@ -1,13 +1,19 @@
-"""Exact attention over key/value blocks (online softmax) with a hand-written backward.
+"""Exact attention over (query block, key block) tiles (online softmax) with a hand-written backward.
 
-`attend` materialises a [B, H, T, S] score tensor; at 32k tokens that is terabytes. Here keys are
-visited in blocks of `block_size`, so only [B, H, T, block] scores exist at a time, and the
-backward recomputes block scores from the saved log-sum-exp instead of storing them (autodiff
-through the block loop would save every block's scores and bring the full matrix back).
+`attend` materialises a [B, H, T, S] score tensor; at 32k tokens that is terabytes. Here tiles of
+`q_block_size` queries x `block_size` keys are visited one at a time, so only one tile's scores exist, and the
+backward recomputes tile scores from the saved log-sum-exp instead of storing them (autodiff through the tile
+loop would save every tile's scores and bring the full matrix back).
 
-Queries are tiled too, and a (query block, key block) tile with no visible pair is skipped
-(`lax.cond`): causal masking then halves the work, and with the load-balanced token order of
-context parallelism every device skips the same share.
+Which tiles are visited is a static schedule (`tile_schedule`), not a per-tile branch: one `lax.scan` runs over a
+list of (query block, key block) pairs. A branch on the mask (`lax.cond`) inside the loop becomes, on a GPU, a
+device-to-host copy of its predicate per tile (and an all-reduce of it under sharding); a fixed list costs
+nothing at run time. The causal schedule leaves out tiles whose keys all come after their queries in token
+order, which halves the work; it is exact for packed rows (each segment contiguous, its positions increasing
+with the token index: what `rl/batching.py` builds) and, with the original token indices passed in, for the
+load-balanced order of context parallelism, where every device gets the same number of tiles. The `full`
+schedule visits every tile and is exact for any positions. Inside a visited tile the mask still comes from
+positions and segment ids.
 
 The forward/backward halves are public so context parallelism can run them on key/value blocks
 that arrive from other devices and merge the per-block statistics.
@@ -19,6 +25,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from t3rl_jax.models.attention import PAD_SEGMENT, _MASK_VALUE
 
@@ -40,6 +47,37 @@ def check_shapes(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_i
                             ("kv_segment_ids", kv_segment_ids, (b, k.shape[1]))):
         if tuple(arr.shape) != want:
             raise ValueError(f"{name} has shape {tuple(arr.shape)}, expected {want}")
+
+
+# ----------------------------------------------------------------------------- tile schedules
+
+
+def tile_schedule(q_index, kv_index, q_block: int, kv_block: int, *, causal: bool = True) -> np.ndarray:
+    """Static [P, 3] int32 table of (query block, key block, 1) for the tiles the kernel visits.
+
+    q_index [T] / kv_index [S]: each token's index in its packed row (the original order, before any
+    context-parallel reordering). With `causal`, a tile is left out when its first key comes after its last
+    query in that order: in a packed row such keys are never visible. Rows are sorted by query block.
+    """
+    q_index, kv_index = np.asarray(q_index), np.asarray(kv_index)
+    nq, nk = -(-len(q_index) // q_block), -(-len(kv_index) // kv_block)
+    q_last = np.array([q_index[i * q_block:(i + 1) * q_block].max() for i in range(nq)])
+    kv_first = np.array([kv_index[j * kv_block:(j + 1) * kv_block].min() for j in range(nk)])
+    visit = kv_first[None, :] <= q_last[:, None] if causal else np.ones((nq, nk), bool)
+    qi, kj = np.nonzero(visit)
+    return np.stack([qi, kj, np.ones_like(qi)], axis=1).astype(np.int32)
+
+
+def stack_schedules(schedules) -> np.ndarray:
+    """Schedules of different lengths (one per device, or per device and ring hop) as one [N, P, 3] table;
+    short ones are padded with rows whose third column is 0, which the kernel masks out entirely."""
+    schedules = [np.asarray(s, np.int32) for s in schedules]
+    length = max(len(s) for s in schedules)
+    pad = lambda s: np.concatenate([s, np.zeros((length - len(s), 3), np.int32)]) if len(s) < length else s
+    return np.stack([pad(s) for s in schedules])
+
+
+# ----------------------------------------------------------------------------- tiles
 
 
 def _split_blocks(x, size, fill, axis=1):
@@ -76,12 +114,13 @@ def _tie_mask_inputs(q, q_positions, kv_positions, q_segment_ids, kv_segment_ids
     return jax.lax.optimization_barrier((q, q_positions, kv_positions, q_segment_ids, kv_segment_ids))
 
 
-def _block_mask(q_positions, q_segment_ids, kv_pos_blk, kv_seg_blk):
-    """[B, 1, 1, Tq, block] visibility: same non-padding segment and key not after query."""
+def _block_mask(q_positions, q_segment_ids, kv_pos_blk, kv_seg_blk, live):
+    """[B, 1, 1, Tq, block] visibility: same non-padding segment and key not after query; `live` (0 or 1) is
+    the schedule row's flag (0: a padding row, nothing visible)."""
     same = q_segment_ids[:, :, None] == kv_seg_blk[:, None, :]
     not_pad = (q_segment_ids[:, :, None] != PAD_SEGMENT) & (kv_seg_blk[:, None, :] != PAD_SEGMENT)
     causal = kv_pos_blk[:, None, :] <= q_positions[:, :, None]
-    return (same & not_pad & causal)[:, None, None]
+    return (same & not_pad & causal & (live > 0))[:, None, None]
 
 
 def _group_queries(q, hkv):
@@ -89,56 +128,54 @@ def _group_queries(q, hkv):
     return q.reshape(b, t, hkv, hq // hkv, d)
 
 
-def _forward_q_block(qg, q_pos, q_seg, kv_blocks, v_dtype, scale):
-    """Online softmax of one query block over all key blocks; fully masked (query, key) blocks are
-    skipped, which is where causal load balancing pays off: each device skips the same amount."""
-    b, t, hkv, g, d = qg.shape
-
-    def step(carry, blk):
-        k_blk, v_blk, pos_blk, seg_blk = blk
-        mask = _block_mask(q_pos, q_seg, pos_blk, seg_blk)
-
-        def update(carry):
-            m, l, acc = carry
-            s = jnp.einsum("btkgd,bskd->bkgts", qg, k_blk, preferred_element_type=jnp.float32) * scale
-            s = jnp.where(mask, s, _MASK_VALUE)
-            m_new = jnp.maximum(m, s.max(axis=-1))
-            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-            correction = jnp.exp(m - m_new)
-            pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v_dtype), v_blk, preferred_element_type=jnp.float32)
-            return m_new, l * correction + p.sum(axis=-1), acc * correction[..., None] + pv
-
-        return jax.lax.cond(jnp.any(mask), update, lambda c: c, carry), None
-
-    init = (jnp.full((b, hkv, g, t), _MASK_VALUE, jnp.float32), jnp.zeros((b, hkv, g, t), jnp.float32),
-            jnp.zeros((b, hkv, g, t, d), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(step, init, kv_blocks)
-    seen = l > 0
-    out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), EMPTY_LSE)
-    return out, lse
+def _schedule(schedule, nq, nk):
+    """The kernel's schedule as an int32 array; None = every tile."""
+    if schedule is None:
+        return jnp.asarray(tile_schedule(np.arange(nq), np.arange(nk), 1, 1, causal=False))
+    return jnp.asarray(schedule, jnp.int32)
 
 
 def blockwise_forward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, block_size,
-                      q_block_size=None):
-    """Softmax attention statistics over all keys, in (query block, key block) tiles.
+                      q_block_size=None, schedule=None):
+    """Softmax attention statistics over all keys, tile by tile along `schedule` ([P, 3] rows of (query block,
+    key block, live), as from `tile_schedule` with the same block sizes; may be traced, e.g. picked per device;
+    None = every tile).
 
     Returns out [B, Hkv, G, T, D] (float32, normalised; zeros for rows that see nothing) and
     lse [B, Hkv, G, T] (float32 log-sum-exp of scaled scores; EMPTY_LSE for such rows).
     """
     q, q_positions, kv_positions, q_segment_ids, kv_segment_ids = _tie_mask_inputs(
         q, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
-    t, d, hkv = q.shape[1], q.shape[3], k.shape[2]
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
     tq = min(q_block_size or block_size, t)
-    kv_blocks = _kv_blocks(k, v, kv_positions, kv_segment_ids, block_size)
-    q_blocks = (_split_blocks(q, tq, 0), _split_blocks(q_positions, tq, 0),
-                _split_blocks(q_segment_ids, tq, PAD_SEGMENT))
+    k_blks, v_blks, kpos_blks, kseg_blks = _kv_blocks(k, v, kv_positions, kv_segment_ids, block_size)
+    q_blks = _split_blocks(_group_queries(q, hkv), tq, 0)
+    qpos_blks, qseg_blks = _split_blocks(q_positions, tq, 0), _split_blocks(q_segment_ids, tq, PAD_SEGMENT)
+    nq, scale = q_blks.shape[0], d ** -0.5
 
-    def one(args):
-        q_blk, pos_blk, seg_blk = args
-        return _forward_q_block(_group_queries(q_blk, hkv), pos_blk, seg_blk, kv_blocks, v.dtype, d ** -0.5)
+    def step(carry, row):
+        i, j, live = row[0], row[1], row[2]
+        m_all, l_all, acc_all = carry
+        qg, k_blk, v_blk = q_blks[i], k_blks[j], v_blks[j]
+        mask = _block_mask(qpos_blks[i], qseg_blks[i], kpos_blks[j], kseg_blks[j], live)
+        m, l, acc = m_all[i], l_all[i], acc_all[i]
+        s = jnp.einsum("btkgd,bskd->bkgts", qg, k_blk, preferred_element_type=jnp.float32) * scale
+        s = jnp.where(mask, s, _MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+        correction = jnp.exp(m - m_new)
+        pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32)
+        return (m_all.at[i].set(m_new), l_all.at[i].set(l * correction + p.sum(axis=-1)),
+                acc_all.at[i].set(acc * correction[..., None] + pv)), None
 
-    out, lse = jax.lax.map(one, q_blocks)
+    init = (jnp.full((nq, b, hkv, g, tq), _MASK_VALUE, jnp.float32), jnp.zeros((nq, b, hkv, g, tq), jnp.float32),
+            jnp.zeros((nq, b, hkv, g, tq, d), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(step, init, _schedule(schedule, nq, k_blks.shape[0]))
+    seen = l > 0
+    out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), EMPTY_LSE)
     return _join_blocks(out, 3, t), _join_blocks(lse, 3, t)
 
 
@@ -166,36 +203,10 @@ def output_delta(out, dout_g):
     return jnp.sum(out * dout_g, axis=-1)
 
 
-def _backward_q_block(qg, q_pos, q_seg, lse, delta, dout_g, kv_blocks, dkv, scale):
-    """dq of one query block; its dK/dV are added in place into dkv = (dk, dv), each
-    [S/block, B, block, Hkv, D] f32 (one running buffer each, not one per query block)."""
-    num_blocks = kv_blocks[0].shape[0]
-
-    def step(carry, blk):
-        j, k_blk, v_blk, pos_blk, seg_blk = blk
-        mask = _block_mask(q_pos, q_seg, pos_blk, seg_blk)
-
-        def compute(carry):
-            dq, dk_all, dv_all = carry
-            s = jnp.einsum("btkgd,bskd->bkgts", qg, k_blk, preferred_element_type=jnp.float32) * scale
-            p = jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - lse[..., None]), 0.0)
-            dv = jnp.einsum("bkgts,bkgtd->bskd", p, dout_g)
-            dp = jnp.einsum("bkgtd,bskd->bkgts", dout_g, v_blk, preferred_element_type=jnp.float32)
-            ds = p * (dp - delta[..., None]) * scale
-            dq = dq + jnp.einsum("bkgts,bskd->bkgtd", ds, k_blk, preferred_element_type=jnp.float32)
-            dk = jnp.einsum("bkgts,btkgd->bskd", ds, qg, preferred_element_type=jnp.float32)
-            return dq, dk_all.at[j].add(dk), dv_all.at[j].add(dv)
-
-        return jax.lax.cond(jnp.any(mask), compute, lambda c: c, carry), None
-
-    init = (jnp.zeros(dout_g.shape, jnp.float32), *dkv)
-    (dq, dk, dv), _ = jax.lax.scan(step, init, (jnp.arange(num_blocks), *kv_blocks))
-    return dq, (dk, dv)
-
-
 def blockwise_backward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, lse, delta, dout_g,
-                       block_size, q_block_size=None):
-    """Gradients for keys/values in `k`, `v` given the global row statistics.
+                       block_size, q_block_size=None, schedule=None):
+    """Gradients for keys/values in `k`, `v` given the global row statistics, over the tiles of `schedule`
+    (as in `blockwise_forward`).
 
     lse: [B, Hkv, G, T] log-sum-exp over *all* keys the rows attend to (possibly more than `k`);
     delta: [B, Hkv, G, T] = sum_d(dout * out) with the final output; dout_g: [B, Hkv, G, T, D] f32.
@@ -205,50 +216,76 @@ def blockwise_backward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_seg
         q, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
     t, d, hkv, s_len = q.shape[1], q.shape[3], k.shape[2], k.shape[1]
     tq = min(q_block_size or block_size, t)
-    kv_blocks = _kv_blocks(k, v, kv_positions, kv_segment_ids, block_size)
-    q_blocks = (_split_blocks(q, tq, 0), _split_blocks(q_positions, tq, 0),
-                _split_blocks(q_segment_ids, tq, PAD_SEGMENT), _split_blocks(lse, tq, 0.0, axis=3),
-                _split_blocks(delta, tq, 0.0, axis=3), _split_blocks(dout_g, tq, 0.0, axis=3))
+    k_blks, v_blks, kpos_blks, kseg_blks = _kv_blocks(k, v, kv_positions, kv_segment_ids, block_size)
+    q_blks = _split_blocks(_group_queries(q, hkv), tq, 0)
+    qpos_blks, qseg_blks = _split_blocks(q_positions, tq, 0), _split_blocks(q_segment_ids, tq, PAD_SEGMENT)
+    lse_blks, delta_blks = _split_blocks(lse, tq, 0.0, axis=3), _split_blocks(delta, tq, 0.0, axis=3)
+    dout_blks = _split_blocks(dout_g, tq, 0.0, axis=3)
+    scale = d ** -0.5
 
-    def one(dkv, args):
-        q_blk, pos_blk, seg_blk, lse_blk, delta_blk, dout_blk = args
-        dq, dkv = _backward_q_block(_group_queries(q_blk, hkv), pos_blk, seg_blk, lse_blk, delta_blk, dout_blk,
-                                    kv_blocks, dkv, d ** -0.5)
-        return dkv, dq
+    def step(carry, row):
+        i, j, live = row[0], row[1], row[2]
+        dq_all, dk_all, dv_all = carry
+        qg, k_blk, v_blk, lse_i, delta_i, dout_i = (q_blks[i], k_blks[j], v_blks[j], lse_blks[i], delta_blks[i],
+                                                    dout_blks[i])
+        mask = _block_mask(qpos_blks[i], qseg_blks[i], kpos_blks[j], kseg_blks[j], live)
+        s = jnp.einsum("btkgd,bskd->bkgts", qg, k_blk, preferred_element_type=jnp.float32) * scale
+        p = jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - lse_i[..., None]), 0.0)
+        dv = jnp.einsum("bkgts,bkgtd->bskd", p, dout_i)
+        dp = jnp.einsum("bkgtd,bskd->bkgts", dout_i, v_blk, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta_i[..., None]) * scale
+        dq = jnp.einsum("bkgts,bskd->bkgtd", ds, k_blk, preferred_element_type=jnp.float32)
+        dk = jnp.einsum("bkgts,btkgd->bskd", ds, qg, preferred_element_type=jnp.float32)
+        return (dq_all.at[i].add(dq), dk_all.at[j].add(dk), dv_all.at[j].add(dv)), None
 
-    zeros = jnp.zeros(kv_blocks[0].shape, jnp.float32)
-    (dk, dv), dq = jax.lax.scan(one, (zeros, zeros), q_blocks)
+    kv_zeros = jnp.zeros(k_blks.shape, jnp.float32)
+    init = (jnp.zeros(dout_blks.shape, jnp.float32), kv_zeros, kv_zeros)
+    (dq, dk, dv), _ = jax.lax.scan(step, init, _schedule(schedule, q_blks.shape[0], k_blks.shape[0]))
     unblock = lambda x: _join_blocks(x, 1, s_len)
     return ungroup_output(_join_blocks(dq, 3, t), jnp.float32), unblock(dk), unblock(dv)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _flash(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, block_size):
-    out, _ = blockwise_forward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, block_size)
-    return ungroup_output(out, q.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _flash(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, block_size, causal):
+    return _flash_fwd(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, block_size, causal)[0]
 
 
-def _flash_fwd(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, block_size):
-    out, lse = blockwise_forward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, block_size)
+def _self_schedule(t, s, block_size, causal):
+    """Schedule for tokens in packed-row order; `causal` only when queries and keys are the same tokens."""
+    tq = min(block_size, t)
+    return tile_schedule(np.arange(t), np.arange(s), tq, block_size, causal=causal and t == s)
+
+
+def _flash_fwd(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, block_size, causal):
+    schedule = _self_schedule(q.shape[1], k.shape[1], block_size, causal)
+    out, lse = blockwise_forward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, block_size,
+                                 schedule=schedule)
     residuals = (q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, out, lse)
     return ungroup_output(out, q.dtype), residuals
 
 
-def _flash_bwd(block_size, residuals, dout):
+def _flash_bwd(block_size, causal, residuals, dout):
     q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, out, lse = residuals
     dout_g = group_cotangent(dout, k.shape[2])
     dq, dk, dv = blockwise_backward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, lse,
-                                    output_delta(out, dout_g), dout_g, block_size)
+                                    output_delta(out, dout_g), dout_g, block_size,
+                                    schedule=_self_schedule(q.shape[1], k.shape[1], block_size, causal))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_ids, block_size=512):
-    """Same contract as `attention.attend`, with memory linear in the key length."""
+def flash_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_ids, block_size=512,
+                    packed_order=True):
+    """Same contract as `attention.attend`, with memory linear in the key length.
+
+    `packed_order` (self-attention only): tokens are in packed-row order (each segment contiguous, positions
+    increasing along it), so tiles of keys after their queries are skipped. False visits every tile (exact for
+    any positions, twice the causal work).
+    """
     check_shapes(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
     block_size = min(block_size, k.shape[1])
-    return _flash(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, block_size)
+    return _flash(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, block_size, bool(packed_order))
