@@ -63,14 +63,14 @@ def _split_groups(trajs: list[Trajectory], num_groups: int, n: int) -> list[list
     return [trajs[g * n:(g + 1) * n] for g in range(num_groups)]
 
 
-def usable_group(group: list[Trajectory], policy: str) -> tuple[list[Trajectory] | None, str]:
-    """The episodes of `group` to train on, or None with the reason ("env_failed") it is dropped."""
+def episodes_that_ran(group: list[Trajectory], policy: str) -> list[Trajectory] | None:
+    """The episodes of `group` to train on under the failed-episode `policy`, or None when the group is dropped."""
     if policy not in FAILED_EPISODE_POLICIES:
         raise ValueError(f"algo.failed_episodes {policy!r} is not one of {FAILED_EPISODE_POLICIES}")
     ran = [t for t in group if t.termination != ENV_FAILED]
     if len(ran) < len(group) and (policy == "drop_group" or len(ran) < 2):
-        return None, ENV_FAILED
-    return ran, ""
+        return None
+    return ran
 
 
 def collect(cfg, step: int, prompt_iter: Iterator[list[dict]],
@@ -98,7 +98,7 @@ def collect(cfg, step: int, prompt_iter: Iterator[list[dict]],
             if refill and len(kept) >= target:
                 break  # the rest of this refill batch is not needed
             counts["refill_drawn"] += int(refill)
-            ran, _ = usable_group(group, policy)
+            ran = episodes_that_ran(group, policy)
             if ran is None:
                 counts["dropped_env_failed"] += 1
             elif algo.filter_zero_variance and not has_reward_variance(np.asarray([[t.reward for t in ran]]))[0]:
