@@ -23,6 +23,7 @@ from t3rl_jax import flops as flops_lib
 from t3rl_jax import model_factory, params_checkpoint, profiling
 from t3rl_jax.checkpointing import Checkpointer
 from t3rl_jax.config import export_dir
+from t3rl_jax.envs.base import make_env_pool
 from t3rl_jax.evaluation import score_trajectories
 from t3rl_jax.rl import batch_builder, experience
 from t3rl_jax.rl.learner import Learner
@@ -50,13 +51,8 @@ def prompt_iterator(cfg, chat) -> data_lib.PromptIterator:
 
 
 def open_env_pool(cfg):
-    """The environment pool, started whole before anything else (a worker that cannot start stops the run here)."""
-    try:
-        from t3rl_jax.envs.base import make_env_pool
-    except ImportError:  # until the environment protocol lands: the same pool, started by its context manager
-        from environments.bfcl.pool import EnvPool
-
-        return EnvPool(cfg.env.num_workers, step_timeout_s=cfg.env.step_timeout_s)
+    """The environment pool, every worker started before anything else (one that cannot start stops the run here,
+    before any state is built)."""
     return make_env_pool(cfg.env)
 
 
