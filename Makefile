@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # bfcl-eval's loader writes folders into site-packages unless this is set.
 export BFCL_PROJECT_ROOT ?= $(CURDIR)/.bfcl_root
-NO_DEPS_PKGS := bfcl-eval==2026.3.23 google-jetstream==0.2.2
+NO_DEPS_PKGS := bfcl-eval==2026.3.23 google-jetstream==0.2.2 trl==1.16.0  # trl: only its Qwen3-Instruct-2507 chat template file (exports)
 # Compile-only accelerator targets (t3rl_jax/accel): the CUDA 13 plugin + cuDNN for H200 and libtpu for TPU
 # slices, without the CUDA runtime wheels a real GPU needs (those come with `pip install -e ".[cuda13]"`).
 ACCEL_PKGS := jax-cuda13-plugin==0.10.2 jax-cuda13-pjrt==0.10.2 nvidia-cudnn-cu13==9.28.1.4 libtpu==0.0.42.1

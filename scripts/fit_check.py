@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     print(HEADER, flush=True)
     m = measure(cfg, devices, only=only, hlo_dir=args.hlo_dir)
     run = m["run"]
-    setup = run.step.trainer
+    setup = run.step.setup
     model_cfg = setup.bundle.config
     kind = devices[0].device_kind if devices else "cpu"
     print(f"config: {cfg.stage}  target: {args.target} ({kind}) x {setup.mesh.size}  mesh: {dict(setup.mesh.shape)}"

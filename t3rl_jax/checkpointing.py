@@ -14,17 +14,21 @@
     with SigtermFlag() as stop:       # the loop checks `stop` after each step, saves and exits 0
         ...
 
-Layout: `DIRECTORY/<step>/{params,opt_state,extra}` written by one Orbax `CheckpointManager`. `params/` is
+Layout: `DIRECTORY/<step>/{params,opt_state,reference,extra}` written by one Orbax `CheckpointManager`
+(`reference`, the KL reference policy, only when given). `params/` is
 the same Orbax tree layout `t3rl_jax.params_checkpoint` writes, so a step directory can also serve as a params
 checkpoint. Params and opt_state are pytrees of jax arrays (a pure dict from `nnx.to_pure_dict`, an optax
 state, ...). Restores go straight onto the shardings carried by the abstract trees (`jax.ShapeDtypeStruct`
 leaves with `.sharding`; real arrays work too); before anything is read, the stored shapes are compared with
 the abstract ones so a checkpoint of another model shape stops with the offending tensor path and both shapes.
-An interrupted async save leaves only a temporary directory, which Orbax ignores and cleans up.
+An interrupted async save leaves only a temporary directory, which Orbax ignores and cleans up. A step whose files
+were damaged afterwards (a truncated array file) is skipped by `restore_newest_readable`, which says which step it
+skipped and why, and names the way out when no step is readable.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -34,10 +38,18 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-__all__ = ["CheckpointMismatchError", "Checkpointer", "SigtermFlag", "restore_params_only"]
+__all__ = ["CheckpointMismatchError", "CheckpointUnreadableError", "Checkpointer", "SigtermFlag",
+           "restore_params_only"]
+
+ITEMS = ("params", "opt_state", "reference")
+log = logging.getLogger(__name__)
 
 class CheckpointMismatchError(ValueError):
     """The stored tree does not fit the model/optimizer it is restored into."""
+
+
+class CheckpointUnreadableError(RuntimeError):
+    """No checkpoint step of a directory could be read back."""
 
 
 def _key_name(key) -> str:
@@ -117,6 +129,7 @@ class Checkpointer:
         handlers = {
             "params": ocp.StandardCheckpointHandler(),
             "opt_state": ocp.StandardCheckpointHandler(),
+            "reference": ocp.StandardCheckpointHandler(),
             "extra": ocp.JsonCheckpointHandler(),
         }
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -127,22 +140,22 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, *, params, opt_state, extra: dict[str, Any]) -> bool:
+    def save(self, step: int, *, params, opt_state, extra: dict[str, Any], reference=None) -> bool:
         """Write step `step` (in the background when async). False when that step is already saved.
 
         `extra` must be JSON-serialisable (iterator state, RNG key data as a list of ints, counters).
+        `reference` (optional) is a second params tree, e.g. the KL reference policy.
         The arrays are copied off the device before this returns, so the caller may update them at once.
         """
         if not isinstance(extra, dict):
             raise TypeError(f"checkpoint extra must be a dict, got {type(extra).__name__}")
         if step in self._manager.all_steps():
             return False
-        args = ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(opt_state),
-            extra=ocp.args.JsonSave(extra),
-        )
-        return bool(self._manager.save(step, args=args))
+        items = dict(params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                     extra=ocp.args.JsonSave(extra))
+        if reference is not None:
+            items["reference"] = ocp.args.StandardSave(reference)
+        return bool(self._manager.save(step, args=ocp.args.Composite(**items)))
 
     def _resolve_step(self, step: int | None) -> int:
         self._manager.reload()
@@ -155,22 +168,68 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; it holds steps {steps}")
         return step
 
+    def restore_items(self, step: int | None = None, **abstract) -> tuple[int, dict[str, Any]]:
+        """(step, {name: tree, "extra": dict}) for the items named in `abstract` (params=..., opt_state=...,
+        reference=...: abstract trees whose shardings the arrays are placed on); default step: the latest.
+
+        Every requested item is checked against the stored shapes before anything is read; an item the step does
+        not hold raises CheckpointMismatchError naming it and the step.
+        """
+        unknown = sorted(set(abstract) - set(ITEMS))
+        if unknown:
+            raise ValueError(f"unknown checkpoint items {unknown}; known: {list(ITEMS)}")
+        step = self._resolve_step(step)
+        where = f"checkpoint {self.directory}/{step}"
+        metadata = self._manager.item_metadata(step)
+        items = {"extra": ocp.args.JsonRestore()}
+        for name, tree in abstract.items():
+            stored = metadata.get(name) if hasattr(metadata, "get") else metadata[name]
+            if stored is None:
+                raise CheckpointMismatchError(f"{where} holds no {name!r} item (it holds "
+                                              f"{sorted(k for k, v in metadata.items() if v is not None)})")
+            check_shapes(stored, tree, what=name, where=where)
+            items[name] = ocp.args.StandardRestore(_abstract(tree))
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        out = {name: restored[name] for name in abstract}
+        out["extra"] = dict(restored["extra"])
+        return step, out
+
     def restore(self, step: int | None = None, *, abstract_params, abstract_opt_state=None):
         """(step, params, opt_state, extra) of `step` (default: the latest) on the abstract trees' shardings.
 
         With `abstract_opt_state=None` the optimizer state is not read and None is returned for it.
         """
-        step = self._resolve_step(step)
-        where = f"checkpoint {self.directory}/{step}"
-        metadata = self._manager.item_metadata(step)
-        check_shapes(metadata["params"], abstract_params, what="params", where=where)
-        items = {"params": ocp.args.StandardRestore(_abstract(abstract_params)), "extra": ocp.args.JsonRestore()}
+        abstract = {"params": abstract_params}
         if abstract_opt_state is not None:
-            check_shapes(metadata["opt_state"], abstract_opt_state, what="opt_state", where=where)
-            items["opt_state"] = ocp.args.StandardRestore(_abstract(abstract_opt_state))
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        opt_state = restored["opt_state"] if abstract_opt_state is not None else None
-        return step, restored["params"], opt_state, dict(restored["extra"])
+            abstract["opt_state"] = abstract_opt_state
+        step, items = self.restore_items(step, **abstract)
+        return step, items["params"], items.get("opt_state"), items["extra"]
+
+    def restore_newest_readable(self, **abstract) -> tuple[int, dict[str, Any], list[tuple[int, str]]]:
+        """Like `restore_items` on the newest step that reads back whole, trying older steps when one is damaged.
+
+        Returns (step, items, skipped) with skipped = [(step, why)] for every newer step that could not be read
+        (each also logged as a warning). A shape or item mismatch is not damage (every step of the run would
+        share it) and raises at once. No readable step: CheckpointUnreadableError naming the directory, every
+        step's reason and the way out.
+        """
+        self._manager.reload()
+        skipped: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                got, items = self.restore_items(step, **abstract)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - TensorStore / JSON / OS errors all mean "this step is damaged"
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                log.warning("checkpoint %s/%d is unreadable, skipping it: %s", self.directory, step, why)
+                skipped.append((step, why))
+                continue
+            return got, items, skipped
+        reasons = "; ".join(f"step {s}: {why}" for s, why in skipped) or "it holds no checkpoint step"
+        raise CheckpointUnreadableError(
+            f"no readable checkpoint in {self.directory} ({reasons}). Start afresh with --config.resume=never "
+            f"(or move {self.directory} away).")
 
     def restore_params(self, step: int | None = None, *, abstract_params):
         """Only the params of `step` (default: the latest)."""

@@ -62,6 +62,19 @@ def load_config(path: str | os.PathLike) -> Qwen3Config:
         return Qwen3Config.from_hf_dict(json.load(f))
 
 
+def stored_dtype(path: str | os.PathLike) -> str:
+    """The dtype the params of a checkpoint are stored in (e.g. 'float32'); mixed dtypes are named and refused."""
+    params_dir = os.path.join(os.path.abspath(os.fspath(path)), PARAMS_DIR)
+    if not os.path.isdir(params_dir):
+        raise FileNotFoundError(f"{params_dir} is missing: not a params checkpoint")
+    metadata = ocp.StandardCheckpointer().metadata(params_dir)
+    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+    dtypes = sorted({str(leaf.dtype) for leaf in jax.tree.leaves(tree) if hasattr(leaf, "dtype")})
+    if len(dtypes) != 1:
+        raise ValueError(f"{params_dir} stores params in several dtypes {dtypes}; pass the export dtype explicitly")
+    return dtypes[0]
+
+
 def asset_files(path: str | os.PathLike) -> dict[str, str]:
     folder = os.path.join(path, ASSETS_DIR)
     if not os.path.isdir(folder):

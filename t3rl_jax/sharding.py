@@ -83,16 +83,37 @@ def mesh_shape(config: Any, device_count: int) -> tuple[int, ...]:
 
 
 def initialize_distributed(config: Any) -> bool:
-    """Joins a multi-host job when a coordinator address is configured; returns whether it did."""
+    """Joins a multi-host job when a coordinator address is configured; returns whether it did.
+
+    Afterwards the job's shape is checked against the config (`check_processes`), so a process count that the
+    coordinator does not confirm stops here with the keys to fix instead of deep inside the first collective.
+    """
     address = _config_get(config, "coordinator_address")
-    if not address:
-        return False
-    if jax.distributed.is_initialized():
-        return True
-    jax.distributed.initialize(coordinator_address=address,
-                               num_processes=_config_get(config, "num_processes"),
-                               process_id=_config_get(config, "process_id"))
-    return True
+    if address and not jax.distributed.is_initialized():
+        if "cpu" in (jax.config.jax_platforms or "").split(","):
+            # CPU processes exchange collectives over gloo (loopback in tests); XLA's default CPU
+            # collectives stay inside one process.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=address,
+                                   num_processes=_config_get(config, "num_processes"),
+                                   process_id=_config_get(config, "process_id"))
+    check_processes(config)
+    return bool(address)
+
+
+def check_processes(config: Any, *, process_count: int | None = None, process_index: int | None = None) -> None:
+    """ValueError naming mesh.num_processes / mesh.process_id when they disagree with the running job."""
+    count = jax.process_count() if process_count is None else process_count
+    index = jax.process_index() if process_index is None else process_index
+    wanted = _config_get(config, "num_processes", 1)
+    address = _config_get(config, "coordinator_address")
+    if wanted != count:
+        how = (f"the coordinator at {address} reports {count}" if address
+               else "no mesh.coordinator_address is set, so this is a single process")
+        raise ValueError(f"mesh.num_processes={wanted} but the job has {count} process(es): {how}")
+    if count > 1 and _config_get(config, "process_id", 0) != index:
+        raise ValueError(f"mesh.process_id={_config_get(config, 'process_id')} but the coordinator assigned "
+                         f"process index {index}")
 
 
 def make_mesh(config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:

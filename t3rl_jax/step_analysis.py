@@ -16,19 +16,21 @@ from t3rl_jax.rollout import engine_analysis
 
 def build_run(cfg, devices=None):
     """(setup, make_engine): the run's mesh, model bundle, optimizer and shardings, and its engine factory
-    (params -> Qwen3Engine). The one place this module touches the trainer: once `run/setup.py` lands this
-    becomes `build_setup(cfg, devices=devices)` and its engine factory."""
-    from t3rl_jax.trainer import Trainer
+    (params -> Qwen3Engine), as the training loop builds them."""
+    import functools
 
-    trainer = Trainer(cfg, devices=devices)
-    return trainer, trainer._engine
+    from t3rl_jax.run.loop import make_engine
+    from t3rl_jax.run.setup import build_setup
+
+    setup = build_setup(cfg, devices=devices)
+    return setup, functools.partial(make_engine, setup)
 
 
 @dataclasses.dataclass
 class AbstractStep:
     """The real train step's jitted pieces with abstract (ShapeDtypeStruct) arguments: nothing allocated."""
 
-    trainer: object          # the run setup (mesh, bundle, optimizer, shardings)
+    setup: object            # the run setup (mesh, bundle, optimizer, shardings)
     grad_fn: object          # forward + backward of one micro-batch (gradients as outputs)
     grad_args: tuple
     accumulate_fn: object    # the same, added into a donated gradient buffer (micro-batches after the first)
@@ -38,10 +40,6 @@ class AbstractStep:
     logprobs_fn: object      # the old-policy / reference log-prob pass of one micro-batch (no gradient)
     logprobs_args: tuple
     make_engine: object = None
-
-    @property
-    def setup(self):
-        return self.trainer
 
 
 def abstract_train_step(cfg, devices=None) -> AbstractStep:
@@ -94,7 +92,7 @@ def run_functions(cfg, devices=None) -> RunFunctions:
     from t3rl_jax.accel.compile_report import tree_bytes_per_device
 
     step = abstract_train_step(cfg, devices)
-    setup = step.trainer
+    setup = step.setup
     params, opt = setup.bundle.abstract_params, setup.abstract_opt
     kl_on = setup.step_settings.loss.needs_reference
     fns = [
@@ -132,4 +130,4 @@ def dry_run(cfg) -> DryRunReport:
     step.grad_fn.lower(*step.grad_args)
     step.accumulate_fn.lower(*step.accumulate_args)
     step.apply_fn.lower(*step.apply_args)
-    return DryRunReport(step.trainer.bundle.config.num_params, dict(step.trainer.mesh.shape), True)
+    return DryRunReport(step.setup.bundle.config.num_params, dict(step.setup.mesh.shape), True)

