@@ -155,19 +155,28 @@ def _attention_inputs(seq: int, heads: int, kv_heads: int, head_dim: int, seed: 
 
 
 def check_attention(ctx: Context, *, seq: int = 8192, cp: int = 4) -> dict:
+    """The platform's fused kernel in the two forms training uses: the packed layout (natural token order, one
+    call per row) and context parallelism's per-device form (queries against all-gathered K/V in the load-balanced
+    chunk order, the mask as cuDNN's bias), here with the whole sequence on one device."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from t3rl_jax.models import attention as ref_attention
+    from t3rl_jax.models import context_parallel
     from t3rl_jax.models.attention_backends import get_attention, resolve_backend
-    from t3rl_jax.models.context_parallel import load_balance_order
 
     platform = "cuda" if ctx.dry_run else ctx.mesh.devices.flat[0].platform
-    backend = resolve_backend("auto", platform)
-    fused = get_attention(backend, platform=platform)
+    backend = resolve_backend("auto", platform, dtype=jnp.bfloat16)
     q, k, v, positions, segments = _attention_inputs(seq, heads=32, kv_heads=8, head_dim=128)
-    order = load_balance_order(seq, cp)
+    order = context_parallel.load_balance_order(seq, cp)
+    cp_local = context_parallel._gathered_masked_attention("sequence", "cudnn")
+    token = jax.sharding.PartitionSpec()
+
+    def cp_form(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
+        # The per-device function under shard_map, on a one-device `sequence` axis: the all-gather is the identity.
+        return jax.shard_map(cp_local, mesh=ctx.mesh, in_specs=(token,) * 7, out_specs=token, check_vma=False)(
+            q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
 
     def loss_of(fn, dtype):
         def loss(q, k, v, pos, seg, weight):
@@ -177,23 +186,26 @@ def check_attention(ctx: Context, *, seq: int = 8192, cp: int = 4) -> dict:
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
     weight = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
-    fused_fn = loss_of(fused, jnp.bfloat16)
-    out = {"backend": backend, "seq": seq, "cp_order": cp}
+    cases = {"packed": (loss_of(get_attention(backend, platform=platform), jnp.bfloat16), np.arange(seq)),
+             "cp_load_balanced": (loss_of(cp_form, jnp.bfloat16), order)}
+    out = {"backend": backend, "seq": seq, "cp_order": cp, "tolerance": ATTENTION_TOLERANCE}
     if ctx.dry_run:
         sharding = jax.sharding.SingleDeviceSharding(ctx.mesh.devices.flat[0])
         args = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
                 for x in (q, k, v, positions, segments, weight)]
-        out["compiled"] = compile_report(fused_fn, *args)
-        out["fused_kernel_in_hlo"] = any("cudnn" in c or "triton" in c for c in out["compiled"]["custom_calls"])
+        for name, (fn, _) in cases.items():
+            report = compile_report(fn, *args)
+            out[name] = {"compiled": report,
+                         "fused_kernel_in_hlo": any(c.startswith("__cudnn$fmha") for c in report["custom_calls"])}
+        out["fused_kernel_in_hlo"] = all(out[n]["fused_kernel_in_hlo"] for n in cases)
         out["passed"] = out["fused_kernel_in_hlo"]
         return out
     with jax.default_matmul_precision("highest"):
         reference_fn = loss_of(ref_attention.attend, jnp.float32)
-        cases = {"packed": np.arange(seq), "cp_load_balanced": order}
-        for name, perm in cases.items():
+        for name, (fn, perm) in cases.items():
             args = [x[:, perm] for x in (q, k, v, positions, segments, weight)]
             (_, want), want_grads = reference_fn(*args)
-            (_, got), got_grads = fused_fn(*args)
+            (_, got), got_grads = fn(*args)
             real = np.asarray(args[4]) > 0
             scale = float(np.abs(np.asarray(want)[real]).max())
             value_err = float(np.abs(np.asarray(got) - np.asarray(want))[real].max()) / scale
@@ -203,8 +215,7 @@ def check_attention(ctx: Context, *, seq: int = 8192, cp: int = 4) -> dict:
                 grad_errs.append(float(np.abs(g - w)[real].max() / max(np.abs(w[real]).max(), 1e-6)))
             out[name] = {"value_rel_diff": value_err, "grad_rel_diff": max(grad_errs),
                          "passed": value_err <= ATTENTION_TOLERANCE and max(grad_errs) <= ATTENTION_TOLERANCE}
-    out["tolerance"] = ATTENTION_TOLERANCE
-    out["passed"] = all(out[n]["passed"] for n in ("packed", "cp_load_balanced"))
+    out["passed"] = all(out[n]["passed"] for n in cases)
     return out
 
 
@@ -216,31 +227,19 @@ def _one_device_config(preset: str, overrides: dict):
 
 
 def _train_pieces(ctx: Context, seq: int):
-    """The trainer's model, optimizer, shardings and GRPO step for Qwen3-4B on one device."""
-    import jax
-    import numpy as np
-    from jax.sharding import NamedSharding
-
-    from t3rl_jax import model_factory
-    from t3rl_jax import sharding as sh
-    from t3rl_jax.rl.grpo import LossSettings
-    from t3rl_jax.rl.train_step import GRPOStep, StepSettings, make_optimizer
+    """The run's setup (model, optimizer, shardings; `run.setup.build_setup`) and GRPO step for Qwen3-4B on the
+    context's one device."""
+    from t3rl_jax.rl.train_step import GRPOStep
+    from t3rl_jax.run.setup import build_setup
 
     cfg = _one_device_config("stage1", {"init_from": "", "train.max_seq_len": seq, "train.micro_batch_size": 1,
                                         "rollout.max_context_tokens": seq, "rollout.max_prefill_length": seq // 2,
                                         "rollout.max_response_tokens": seq // 2})
-    rules = sh.logical_axis_rules(fsdp_over_sequence=True)
-    bundle = model_factory.build(cfg, ctx.mesh, rules)
-    optimizer = make_optimizer(cfg.train)
-    settings = StepSettings(LossSettings.from_algo_config(cfg.algo), temperature=1.0,
-                            old_logprobs=cfg.algo.old_logprobs, compact_logits=True)
-    batch_sharding = NamedSharding(ctx.mesh, sh.logical_to_spec(("batch", "length"), rules, mesh=ctx.mesh))
-    abstract_opt = jax.eval_shape(optimizer.init, bundle.abstract_params)
-    opt_shardings = sh.optax_state_shardings(abstract_opt, bundle.abstract_params, bundle.param_shardings, ctx.mesh)
-    step = GRPOStep(bundle.train_model(bundle.abstract_params), optimizer, settings,
-                    param_shardings=bundle.param_shardings, opt_shardings=opt_shardings,
-                    batch_sharding=batch_sharding)
-    return cfg, bundle, optimizer, step, batch_sharding, opt_shardings, abstract_opt
+    setup = build_setup(cfg, devices=list(ctx.mesh.devices.flat))
+    step = GRPOStep(setup.bundle.train_model(setup.abstract_params), setup.optimizer, setup.step_settings,
+                    param_shardings=setup.param_shardings, opt_shardings=setup.opt_shardings,
+                    batch_sharding=setup.batch_sharding)
+    return setup, step
 
 
 def _train_batch(seq: int, vocab: int, seed: int = 0) -> dict:
@@ -277,7 +276,8 @@ def check_train(ctx: Context, *, seq: int = 8192) -> dict:
     from t3rl_jax import flops as flops_lib
     from t3rl_jax import model_factory
 
-    cfg, bundle, optimizer, step, batch_sharding, opt_shardings, abstract_opt = _train_pieces(ctx, seq)
+    setup, step = _train_pieces(ctx, seq)
+    cfg, bundle, batch_sharding = setup.cfg, setup.bundle, setup.batch_sharding
     batch = _train_batch(seq, bundle.config.vocab_size)
     slots = step.slots_for({k: v[None] for k, v in batch.items()})
     _, first, _ = step.functions_for(slots)
@@ -288,14 +288,12 @@ def check_train(ctx: Context, *, seq: int = 8192) -> dict:
         old = jax.ShapeDtypeStruct((1, seq), np.float32, sharding=batch_sharding)
         denominator = jax.ShapeDtypeStruct((), np.float32)
         out["grad"] = compile_report(first, bundle.abstract_params, mb, old, old, denominator)
-        abstract_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_opt,
-                                    opt_shardings)
-        out["apply"] = compile_report(step._apply, bundle.abstract_params, abstract_opt, bundle.abstract_params)
+        out["apply"] = compile_report(step._apply, bundle.abstract_params, setup.abstract_opt, bundle.abstract_params)
         out["fused_attention_in_hlo"] = any("cudnn" in c for c in out["grad"]["custom_calls"])
         out["passed"] = True
         return out
     params = model_factory.init_params(cfg, bundle)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    opt_state = jax.jit(setup.optimizer.init, out_shardings=setup.opt_shardings)(params)
     stacked = {k: v[None] for k, v in batch.items()}
     state = {"params": params, "opt": opt_state}
 
@@ -325,24 +323,22 @@ def check_decode(ctx: Context, *, slots: int = 64, context: int = 4096, steps: i
     from t3rl_jax import model_factory
     from t3rl_jax.rollout.engine import Qwen3Engine
 
-    cfg, bundle, *_ = _train_pieces(ctx, 8192)
+    setup, _ = _train_pieces(ctx, 8192)
+    cfg, bundle = setup.cfg, setup.bundle
     cache_length = context + 2 * steps * 4
     held = context - steps  # every slot already holds this many tokens, so the window is the whole 4k context
     out = {"slots": slots, "context": context, "steps_per_call": steps}
     if ctx.dry_run:
         engine = Qwen3Engine(bundle.rollout_model(bundle.abstract_params), max_concurrent_decodes=slots,
                              max_prefill_length=1024, max_cache_length=cache_length,
-                             cache_dtype=jnp.bfloat16, mesh=ctx.mesh)
-        shardings = engine._decode_state_shardings(jax.eval_shape(engine._empty_decode_state))
-        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             jax.eval_shape(engine._empty_decode_state), shardings)
-        out["decode_loop"] = compile_report(engine.generate_function, bundle.abstract_params, state,
-                                            num_steps=steps, window=engine._window(context))
+                             cache_dtype=jnp.bfloat16, mesh=setup.mesh)
+        jitted, args, static = engine.compile_targets(bundle.abstract_params, decode_steps=steps)["decode_loop"]
+        out["decode_loop"] = compile_report(jitted, *args, **static)
         out["passed"] = True
         return out
     params = model_factory.init_params(cfg, bundle)
     engine = Qwen3Engine(bundle.rollout_model(params), max_concurrent_decodes=slots, max_prefill_length=1024,
-                         max_cache_length=cache_length, cache_dtype=jnp.bfloat16, mesh=ctx.mesh)
+                         max_cache_length=cache_length, cache_dtype=jnp.bfloat16, mesh=setup.mesh)
     state = engine.init_decode_state()
     rng = np.random.default_rng(0)
     # A filled cache (random keys/values) stands in for prefilled prompts: decode reads the same bytes.
@@ -443,8 +439,8 @@ def table(results: dict) -> str:
         if name == "parity":
             return " ".join(f"{k}={r[k].get('max_rel_diff', 'compiled')}" for k in ("f32", "bf16") if k in r)
         if name == "attention":
-            if "compiled" in r:
-                return f"{r['backend']}: fused kernel in HLO={r['fused_kernel_in_hlo']}"
+            if "fused_kernel_in_hlo" in r:
+                return f"{r['backend']}: fused kernel in both forms' HLO={r['fused_kernel_in_hlo']}"
             return (f"{r['backend']}: packed {r['packed']['value_rel_diff']:.2e}/{r['packed']['grad_rel_diff']:.2e}"
                     f" cp {r['cp_load_balanced']['value_rel_diff']:.2e}/{r['cp_load_balanced']['grad_rel_diff']:.2e}")
         if name == "train":
