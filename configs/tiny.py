@@ -24,8 +24,8 @@ def get_config():
     )
     c.env.update(augment=False, num_workers=2, step_timeout_s=5.0)
     # A random model's groups are almost all zero-reward; keep them so every step trains.
-    c.algo.filter_zero_variance = False
+    c.algo.update(filter_zero_variance=False, refill_groups=False)
     c.train.update(num_steps=4, lr=1e-4, micro_batch_size=2, max_seq_len=4352)
     c.checkpoint.update(every_steps=2, keep=2)
-    c.eval.update(every_steps=4, max_entries=2, max_steps_per_turn=2)
+    c.eval.update(every_steps=4, max_entries=2, max_steps_per_turn=2, max_response_tokens=256, max_model_calls=6)
     return c
