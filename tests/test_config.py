@@ -65,7 +65,7 @@ def test_tiny_is_cpu_sized():
     assert (m.preset, m.num_layers, m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim) == ("tiny", 2, 64, 4, 2, 16)
     assert c.init_from == "" and c.log.wandb_mode == "offline"
     assert c.data.prompts_per_step * c.rollout.samples_per_prompt == 8
-    assert c.train.num_steps <= 5 and c.rollout.max_context_tokens <= 8192
+    assert c.train.num_steps <= 20 and c.rollout.max_context_tokens <= 8192
 
 
 def test_overrides_apply_with_types():
