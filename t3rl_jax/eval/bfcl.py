@@ -15,6 +15,7 @@ prompt to fit the context (`check_budget`), with an error naming the key, the en
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Sequence
 
@@ -105,6 +106,7 @@ def check_entries_exist(entry_ids: Sequence[str], *, source: str) -> None:
                              f"({len(known)} multi-turn entries exist, e.g. {min(known)!r})")
 
 
+@functools.lru_cache(maxsize=4096)
 def ground_truth_tokens(entry_id: str, chat: ChatEncoder) -> tuple[int, int]:
     """(prompt tokens, whole-episode tokens) of a perfect ground-truth replay, counted as the driver builds the
     trajectory (prompt, one reply per ground-truth step, tool-response and next-turn deltas); no model runs."""
@@ -133,14 +135,19 @@ def ground_truth_tokens(entry_id: str, chat: ChatEncoder) -> tuple[int, int]:
         total += len(chat.delta_ids(messages))
 
 
+@functools.lru_cache(maxsize=4096)
+def _prompt_tokens(entry_id: str, chat: ChatEncoder) -> int:
+    episode = Episode(entry_id)
+    return len(chat.prompt_ids(episode.first_messages, episode.tools))
+
+
 def check_budget(entry_ids: Sequence[str], chat: ChatEncoder, limits: RolloutLimits, *,
                  key: str = "max_context_tokens") -> dict[str, str]:
     """Raise if an entry's first prompt cannot fit the context (naming `key`, the entry and the numbers); return the
     entries whose ground-truth replay would not fit, with the reason (they still run, and are listed)."""
     excluded = {}
     for entry_id in entry_ids:
-        episode = Episode(entry_id)
-        prompt = len(chat.prompt_ids(episode.first_messages, episode.tools))
+        prompt = _prompt_tokens(entry_id, chat)
         if prompt + 1 >= limits.max_context_tokens:
             raise ValueError(f"{key}={limits.max_context_tokens} cannot hold the prompt of {entry_id} "
                              f"({prompt} tokens plus at least one reply token)")
