@@ -19,6 +19,9 @@ import functools
 import hashlib
 from collections.abc import Sequence
 
+# bfcl-eval's leaderboard harness: tool steps per user turn before it forces the turn to quit.
+from bfcl_eval.constants.default_prompts import MAXIMUM_STEP_LIMIT as BFCL_STEP_LIMIT
+
 from environments.bfcl import catalog, splits
 from environments.bfcl.episode import Episode
 from t3rl_jax.chat_format import ChatEncoder, to_json
@@ -31,8 +34,6 @@ from t3rl_jax.tool_calls import parse_reply_ids
 
 SPLITS = ("test", "val", "all")
 PROTOCOLS = ("bfcl", "t3rl")
-# bfcl-eval's leaderboard harness: replies per user turn before it forces the turn to quit.
-from bfcl_eval.constants.default_prompts import MAXIMUM_STEP_LIMIT as BFCL_STEP_LIMIT  # noqa: E402
 
 # Evaluation context: every held-out ground-truth replay fits (longest 42,327 tokens; configs/base.py).
 EVAL_CONTEXT_TOKENS = 49152
