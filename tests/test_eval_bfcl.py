@@ -216,7 +216,7 @@ def test_evaluation_never_adds_hints_even_where_training_would(tiny_checkpoint):
     chat = ChatEncoder(load_tokenizer())
     model, _ = load_model(checkpoint=tiny_checkpoint)
     engine = Qwen3Engine(model, max_concurrent_decodes=2, max_prefill_length=4096, max_cache_length=8192)
-    limits = bfcl.make_limits(max_steps_per_turn=3, max_model_calls=20, max_response_tokens=64,
+    limits = bfcl.make_limits(max_steps_per_turn=3, max_model_calls=20, max_response_tokens=4096,
                               max_context_tokens=8192)
     entry = "multi_turn_base_115"
     with EnvPool(num_workers=1) as pool:
