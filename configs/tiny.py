@@ -39,5 +39,5 @@ def get_config():
     c.train.update(num_steps=12, lr=5e-4, micro_batch_size=2, max_seq_len=3072)
     c.checkpoint.update(every_steps=6, keep=2)
     c.eval.update(every_steps=12, max_entries=0, max_steps_per_turn=2, max_response_tokens=512, max_model_calls=10)
-    c.warm_start.update(steps=80, lr=1e-2, max_entries=0)
+    c.warm_start.update(steps=110, lr=1e-2, max_entries=0)
     return c
