@@ -1,8 +1,13 @@
 """Shared recipe numbers; presets start from `recipe()` and change only what differs.
 
-Sources (see shared/REFERENCE.md): T3RL's stage-1 script for the optimisation and sampling
-numbers, the official EnvTuning code for the paper's curriculum (KL 0.1 low-var KL, 20 epochs per
-stage, 8192-token prompts). This module is a helper, not a preset: it has no get_config().
+Every setting names its anchor (shared/REFERENCE.md, "Recipe fidelity"):
+  [T3RL script]  T3RL's `scripts/train/run_bfcl_qwen3_4b.sh` (slime flags, e.g. --rollout-max-response-len)
+  [T3RL code]    T3RL's hooks: `t3rl/agents/bfcl.py`, `t3rl/envs/bfcl*.py`, `t3rl/interaction/driver.py`
+  [slime]        slime v0.2.2 defaults that T3RL leaves unchanged
+  [EnvTuning]    the paper's official code, `EnvTuning/` in inclusionAI/AWorld-RL (a verl 0.4.1 fork)
+  [bfcl-eval]    bfcl-eval 2026.3.23 (the leaderboard's harness)
+  [ours]         a deliberate difference, with the reason next to it
+This module is a helper, not a preset: it has no get_config().
 """
 
 from __future__ import annotations
@@ -17,7 +22,17 @@ ALL_CATEGORIES = ("base", "miss_func", "miss_param", "long_context")
 QWEN3_4B_INSTRUCT_2507_DIR = "checkpoints/Qwen3-4B-Instruct-2507"
 BASE_SPLIT_SIZE = 100  # bfcl_train_base.jsonl
 FULL_SPLIT_SIZE = 400  # bfcl_train.jsonl
-EPOCHS_PER_STAGE = 20
+EPOCHS_PER_STAGE = 20  # [EnvTuning] trainer.total_epochs per stage
+# Episode token cap of every real preset. Ground-truth replays (scripted path, real tokenizer and chat format,
+# measured 2026-12, HANDOFF.md): all 400 held-out entries <= 42,327 tokens (long_context_117), all 400 training
+# entries but one <= 43,734; base / miss_* entries <= 5,700. 48k leaves ~6.8k tokens for the longer `t3rl` tool
+# docs (+~1.7k) and the model's own words. The training entry long_context_113 (70,535 tokens: two ~31.7k
+# `get_stock_info` results) cannot finish inside it; its episodes end at the context limit. [ours]: T3RL has no cap
+# below the model's 262k; EnvTuning's max_model_len 32,768 would cut 17 held-out ground truths short.
+CONTEXT_TOKENS = 49152
+# KV cache bytes per token of Qwen3-4B in bf16: 2 (K, V) x 36 layers x 8 kv heads x 128 x 2 bytes = 147,456.
+# 64 slots x 49,152 tokens = 464 GB, 58 GB per H200 when the slots are split over all 8 devices.
+DECODE_SLOTS = 64
 
 
 def steps_for_epochs(num_entries: int, prompts_per_step: int, epochs: int = EPOCHS_PER_STAGE) -> int:
@@ -59,74 +74,89 @@ def recipe() -> ml_collections.ConfigDict:
     # 8 GPUs: FSDP across all of them; stage 2 trades some FSDP for context parallelism.
     c.mesh = dict(data=1, fsdp=-1, tensor=1, sequence=1, coordinator_address="", num_processes=1, process_id=0)
     c.data = dict(
-        train_file="bfcl_train_base.jsonl",  # relative to splits_dir
+        train_file="bfcl_train_base.jsonl",  # [T3RL script] TRAIN_DATA; relative to splits_dir
         val_file="bfcl_val.jsonl",
         splits_dir="data/splits",
-        prompts_per_step=32,
+        prompts_per_step=32,  # [T3RL script] --rollout-batch-size 32
         shuffle=True,
         max_entries=0,
         categories=ALL_CATEGORIES,
     )
     c.rollout = dict(
-        samples_per_prompt=16,
-        temperature=1.0,
+        samples_per_prompt=16,  # [T3RL script] --n-samples-per-prompt 16
+        temperature=1.0,  # [T3RL script] --rollout-temperature 1.0
         top_p=1.0,
         top_k=0,  # 0 = off
-        max_concurrent_decodes=128,
-        # Initial BFCL prompts (tool docs + first question) are 3.1k-7.1k tokens.
-        max_prefill_length=8192,
-        # New tokens per model call (T3RL's max_new_tokens; 20,000 in its evaluation); not a cap over the episode.
-        max_response_tokens=10000,
-        # The episode's only token cap (prompt, replies and observations); also the KV cache length.
-        max_context_tokens=18432,  # 8192 + 10000, rounded up to a multiple of 1024
-        # Tool-call / format-error replies a turn may have; one more cuts the turn off. The answer does not count:
-        # 10 tool steps, then the answer, as T3RL.
-        max_steps_per_turn=10,
-        max_model_calls=30,  # replies per episode
+        max_concurrent_decodes=DECODE_SLOTS,  # [ours] sized by the KV cache (see DECODE_SLOTS); SGLang pages it
+        # Initial BFCL prompts (tool docs + first question) are 3.1k-4.9k tokens.
+        max_prefill_length=8192,  # [EnvTuning] max_prompt_length 8192
+        max_response_tokens=10000,  # [T3RL script] --rollout-max-response-len 10000: new tokens per model call
+        max_context_tokens=CONTEXT_TOKENS,  # the episode's only token cap (see CONTEXT_TOKENS)
+        max_steps_per_turn=10,  # [T3RL code] 10 tool steps per user turn, then the answer
+        max_model_calls=30,  # [T3RL code] model calls per episode
         # Padded prompt tokens prefilled per engine call when several episodes start or resume together (bounds
         # prefill activation memory; a GRPO group's identical prompts count once).
         prefill_tokens_per_call=8192,
     )
-    # Assumption: T3RL keeps the paper's augmented feedback on (its stages mirror the paper's 2-3).
-    c.env = dict(augment=True, num_workers=32, step_timeout_s=10.0, reward="progress")
-    # What episodes show the model (environments/bfcl/prompts.py): "t3rl" = T3RL's system prompt, its tool docs
-    # (bfcl-eval's convert_to_tool: response schemas, float notes) and reveal message; "bfcl" = bfcl-eval's own
-    # Qwen FC protocol (no system prompt, its loader's docs), the leaderboard's, for evaluation.
-    c.prompt = dict(style="t3rl")
+    c.prompt = dict(style="t3rl")  # [T3RL code] its system prompt and bfcl-eval's convert_to_tool tool docs
+    # [T3RL code] unmodified bfcl-eval classes, no hints.
+    c.env = dict(augment=False, num_workers=32, step_timeout_s=10.0, reward="progress")
     c.algo = dict(
-        advantage="grpo",
+        advantage="grpo",  # [slime] (r - mean) / (std + eps)
         policy_loss="ppo_clip",  # names registered in t3rl_jax/rl/registry.py, as are advantage, kl_type, loss_agg
         adv_eps=1e-6,
-        clip_low=0.2,
-        clip_high=0.28,
-        dual_clip=3.0,  # verl applies its dual clip (clip_ratio_c = 3) in every vanilla PPO loss
-        kl_coef=0.0,
-        kl_type="low_var_kl",
-        entropy_coef=0.001,
-        loss_agg="token_mean",
+        clip_low=0.2,  # [T3RL script] --eps-clip 0.2
+        clip_high=0.28,  # [T3RL script] --eps-clip-high 0.28
+        dual_clip=0.0,  # [slime] no dual clip
+        kl_coef=0.0,  # [T3RL script] --kl-loss-coef 0.00
+        kl_type="low_var_kl",  # [T3RL script] --kl-loss-type low_var_kl (unused at coefficient 0)
+        entropy_coef=0.001,  # [T3RL script] --entropy-coef 0.001
+        loss_agg="seq_mean_token_mean",  # [slime] token mean per sequence, then the mean over sequences
+        # [T3RL script] --dynamic-sampling-filter-path ...check_reward_nonzero_std: groups without reward variance
+        # are dropped and slime keeps rolling out until prompts_per_step groups have it.
         filter_zero_variance=True,
-        refill_groups=False,
-        max_refill_batches=8,  # extra prompt batches a step may roll out to reach data.prompts_per_step groups
-        failed_episodes="exclude",  # env_failed episodes: "exclude" (left out of their group) or "drop_group"
+        refill_groups=True,
+        # [ours] at most this many extra prompt batches a step rolls out to reach data.prompts_per_step groups
+        max_refill_batches=8,
+        failed_episodes="exclude",  # [ours] env_failed episodes: "exclude" (left out of their group) or "drop_group"
         old_logprobs="trainer",
         tis_cap=0.0,
     )
     c.train = dict(
-        num_steps=steps_for_epochs(BASE_SPLIT_SIZE, 32),
-        lr=1e-6,
-        lr_schedule="constant",
+        num_steps=800,  # [T3RL script] --num-rollout 800
+        lr=1e-6,  # [T3RL script] --lr 1e-6
+        lr_schedule="constant",  # [T3RL script] --lr-decay-style constant
         warmup_steps=0,
-        b1=0.9,
+        b1=0.9,  # [T3RL script] --adam-beta1 0.9 --adam-beta2 0.999
         b2=0.999,
-        weight_decay=0.01,
-        grad_clip=1.0,
+        weight_decay=0.01,  # [T3RL script] --weight-decay 0.01
+        grad_clip=1.0,  # [T3RL script] --clip-grad 1.0
         micro_batch_size=8,  # packed rows per micro-batch, one per device
+        # Training row: base-split episodes (<= 5.7k tokens) are never cut. A longer episode trains on its first
+        # max_seq_len tokens and keeps the whole episode's reward (as verl does); counted in
+        # length/truncated_episodes.
         max_seq_len=18432,
-        mini_batches_per_step=1,
+        mini_batches_per_step=1,  # [T3RL script] --global-batch-size 512 = one optimizer step per rollout
         max_nan_steps=3,
     )
-    c.checkpoint = dict(every_steps=10, keep=3, async_save=True)
-    c.eval = dict(every_steps=10, split="val", max_entries=0, greedy=True, max_steps_per_turn=10, plateau_patience=0)
+    c.checkpoint = dict(every_steps=20, keep=3, async_save=True)  # [T3RL script] --save-interval 20
+    c.eval = dict(
+        every_steps=5,  # [T3RL script] --eval-interval 5
+        split="val",  # [T3RL script] --eval-prompt-data bfcl bfcl_val.jsonl (100 entries)
+        max_entries=0,
+        # [ours] greedy: a deterministic score for keeping the best checkpoint (T3RL: --n-samples-per-eval-prompt
+        # 1 at the rollout temperature 1.0).
+        greedy=True,
+        max_steps_per_turn=10,  # [T3RL code] as in training
+        max_response_tokens=20000,  # [T3RL script] --eval-max-response-len 20000 per model call
+        max_model_calls=30,  # [T3RL code]
+        prompt_style="t3rl",  # [T3RL code] validated in its own rollout format; scripts/eval_bfcl.py uses bfcl
+        keep_best=True,  # keep the checkpoint with the best validation accuracy (never rotated out)
+        plateau_patience=0,
+    )
+    # Supervised warm start on ground-truth trajectories of training entries before GRPO step 0 (0 = off; only
+    # the CPU demo uses it: a random model never calls a tool, so GRPO alone has no signal).
+    c.warm_start = dict(steps=0, lr=1e-3, max_entries=0)
     c.log = dict(wandb_mode="offline", wandb_project="t3rl-jax", every_steps=1)
     c.profile = dict(start_step=5, num_steps=0, port=0)
     return c
@@ -147,15 +177,24 @@ def init_from_stage(c: ml_collections.ConfigDict, previous_stage: str) -> ml_col
 
 
 def paper_stage(number: int) -> ml_collections.ConfigDict:
-    """The paper's curriculum stage `number` (1-4), chained to the next one."""
+    """The paper's curriculum stage `number` (1-4), chained to the next one.
+
+    T3RL's recipe with EnvTuning's loss settings and per-stage data / reward / feedback / training rows."""
     if number not in (1, 2, 3, 4):
         raise ValueError(f"paper stages are 1..4, got {number}")
     c = named(recipe(), f"paper_stage{number}", next_stage=f"paper_stage{number + 1}" if number < 4 else "")
     if number > 1:
         init_from_stage(c, f"paper_stage{number - 1}")
-    c.algo.kl_coef = 0.1  # official EnvTuning code: low-var KL 0.1
-    c.eval.plateau_patience = 3  # stop a stage after 3 evaluations without a new best val accuracy
-    c.eval.every_steps = 5
+    c.algo.kl_coef = 0.1  # [EnvTuning] use_kl_loss, kl_loss_coef 0.1, low_var_kl
+    c.algo.kl_type = "low_var_kl"
+    c.algo.dual_clip = 10.0  # [EnvTuning] clip_ratio_c 10
+    c.algo.loss_agg = "token_mean"  # [EnvTuning] verl's default loss_agg_mode token-mean
+    c.rollout.max_steps_per_turn = 5  # [EnvTuning] 5 tool steps per user turn
+    c.eval.max_steps_per_turn = 5
+    c.eval.plateau_patience = 3  # [ours] the paper moves on "when validation accuracy stabilises": 3 evaluations
+    # [EnvTuning] the training tensor holds the prompt (8192) + the first 10,000 response tokens, 24,576 in stages
+    # 3-4; the reward still comes from the whole episode (see CONTEXT_TOKENS for the episode cap).
+    c.train.max_seq_len = 8192 + 10240
     if number == 1:  # mastering syntax: format reward on a small, easy set, plain feedback
         c.env.reward = "format"
         c.env.augment = False
@@ -164,14 +203,13 @@ def paper_stage(number: int) -> ml_collections.ConfigDict:
         c.train.num_steps = steps_for_epochs(50, c.data.prompts_per_step)
     elif number == 2:  # learning with hints: base split, progress reward, augmented feedback
         c.env.augment = True
-    else:  # 3: hard tasks with hints; 4: the same without hints
+        c.train.num_steps = steps_for_epochs(BASE_SPLIT_SIZE, c.data.prompts_per_step)
+    else:  # 3: hard tasks with hints; 4: the same without hints, with stage 3's budgets
         c.env.augment = number == 3
         c.data.train_file = "bfcl_train.jsonl"
         c.train.num_steps = steps_for_epochs(FULL_SPLIT_SIZE, c.data.prompts_per_step)
+        c.train.max_seq_len = 8192 + 24576
         with_long_context(c)
-    if number == 3:  # the official code lets stage-3 episodes run to 24,576 tokens
-        c.rollout.max_response_tokens = 24576
-        c.rollout.max_context_tokens = c.train.max_seq_len = 8192 + 24576
     return c
 
 

@@ -1,10 +1,19 @@
-"""CPU demo (`make demo`): a tiny random Qwen3 with the real tokenizer on a few short base entries.
+"""CPU demo (`make demo`): a tiny random Qwen3 with the real tokenizer learns two short base entries.
 
-Sized to finish in a few minutes on 2 CPU cores: 2 prompts x 4 samples per step, short episodes,
-4 steps, a checkpoint every 2 steps and one greedy validation at the end.
+A random model never writes a tool call, so GRPO alone has nothing to reinforce. The demo first warms up on the
+ground truth of its two training entries (`rl/sft.py`: teacher-forced through the real rollout path, cross-entropy
+on the assistant tokens), then runs GRPO with the progress reward on the same entries at temperature 1.0; the
+sampled reward rises as GRPO sharpens what the warm start began. Validation replays the same two entries greedily.
+The entries (`configs/splits/tiny_train.jsonl`, written with `splits.record`) are the shortest TradingBot tasks:
+2.2k-token prompts and 3-4 turns of one call each.
 """
 
+import os
+
 from configs.base import named, recipe
+
+# An absolute path: os.path.join(data.splits_dir, it) is then the file itself, whatever splits_dir a run uses.
+DEMO_ENTRIES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits", "tiny_train.jsonl")
 
 
 def get_config():
@@ -16,16 +25,19 @@ def get_config():
         intermediate_size=128, dtype="float32", param_dtype="float32", remat="none",
     )
     c.mesh.update(fsdp=1, data=-1)
-    c.data.update(prompts_per_step=2, max_entries=4, categories=("base",))
-    # The shortest base prompts are ~3.1k tokens; episodes get 256 more.
+    c.data.update(train_file=DEMO_ENTRIES, val_file=DEMO_ENTRIES,
+                  prompts_per_step=2, max_entries=0, categories=("base",))
+    # 512 response tokens: today's driver counts them over the whole episode, and the ground truth after the prompt
+    # is 326-420 tokens (a cap of 128 ended every demo episode after its first turn).
     c.rollout.update(
-        samples_per_prompt=4, max_concurrent_decodes=8, max_prefill_length=4096, max_response_tokens=256,
-        max_context_tokens=4352, max_steps_per_turn=2, max_model_calls=6,
+        samples_per_prompt=4, max_concurrent_decodes=8, max_prefill_length=2560, max_response_tokens=512,
+        max_context_tokens=3072, max_steps_per_turn=2, max_model_calls=10, prefill_tokens_per_call=8192,
     )
-    c.env.update(augment=False, num_workers=2, step_timeout_s=5.0)
-    # A random model's groups are almost all zero-reward; keep them so every step trains.
-    c.algo.filter_zero_variance = False
-    c.train.update(num_steps=4, lr=1e-4, micro_batch_size=2, max_seq_len=4352)
-    c.checkpoint.update(every_steps=2, keep=2)
-    c.eval.update(every_steps=4, max_entries=2, max_steps_per_turn=2)
+    c.env.update(augment=False, num_workers=2, step_timeout_s=60.0)  # generous: CI machines are shared
+    # Every group trains (a filtered step with no varied group would skip its update in this short run).
+    c.algo.update(filter_zero_variance=False, refill_groups=False)
+    c.train.update(num_steps=12, lr=5e-4, micro_batch_size=2, max_seq_len=3072)
+    c.checkpoint.update(every_steps=6, keep=2)
+    c.eval.update(every_steps=12, max_entries=0, max_steps_per_turn=2, max_response_tokens=512, max_model_calls=10)
+    c.warm_start.update(steps=110, lr=1e-2, max_entries=0)
     return c

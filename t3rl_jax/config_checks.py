@@ -29,6 +29,7 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
     "rollout": ("samples_per_prompt", "temperature", "top_p", "top_k", "max_concurrent_decodes",
                 "max_prefill_length", "max_response_tokens", "max_context_tokens", "max_steps_per_turn",
                 "max_model_calls", "prefill_tokens_per_call"),
+    "prompt": ("style",),
     "env": ("augment", "num_workers", "step_timeout_s", "reward"),
     "prompt": ("style",),
     "algo": ("advantage", "policy_loss", "adv_eps", "clip_low", "clip_high", "dual_clip", "kl_coef", "kl_type",
@@ -37,7 +38,9 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
     "train": ("num_steps", "lr", "lr_schedule", "warmup_steps", "b1", "b2", "weight_decay", "grad_clip",
               "micro_batch_size", "max_seq_len", "mini_batches_per_step", "max_nan_steps"),
     "checkpoint": ("every_steps", "keep", "async_save"),
-    "eval": ("every_steps", "split", "max_entries", "greedy", "max_steps_per_turn", "plateau_patience"),
+    "eval": ("every_steps", "split", "max_entries", "greedy", "max_steps_per_turn", "max_response_tokens",
+             "max_model_calls", "prompt_style", "keep_best", "plateau_patience"),
+    "warm_start": ("steps", "lr", "max_entries"),
     "log": ("wandb_mode", "wandb_project", "every_steps"),
     "profile": ("start_step", "num_steps", "port"),
 }
@@ -59,6 +62,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "algo.failed_episodes": ("exclude", "drop_group"),
     "train.lr_schedule": ("constant", "cosine"),
     "eval.split": ("val", "test"),
+    "prompt.style": ("t3rl", "bfcl"),
+    "eval.prompt_style": ("t3rl", "bfcl"),
     "log.wandb_mode": ("offline", "online", "disabled"),
 }
 BFCL_CATEGORIES = ("base", "miss_func", "miss_param", "long_context")
@@ -83,7 +88,8 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("train.max_nan_steps", 1, True),
     ("checkpoint.every_steps", 0, True), ("checkpoint.keep", 1, True),
     ("eval.every_steps", 0, True), ("eval.max_entries", 0, True), ("eval.max_steps_per_turn", 1, True),
-    ("eval.plateau_patience", 0, True),
+    ("eval.plateau_patience", 0, True), ("eval.max_response_tokens", 1, True), ("eval.max_model_calls", 1, True),
+    ("warm_start.steps", 0, True), ("warm_start.lr", 0, False), ("warm_start.max_entries", 0, True),
     ("log.every_steps", 1, True),
     ("profile.start_step", 0, True), ("profile.num_steps", 0, True), ("profile.port", 0, True),
 )
@@ -174,8 +180,7 @@ def validate(cfg, *, known_presets: Sequence[str] | None = None) -> None:
              "rollout.max_prefill_length", "must be a multiple of 16 in [16, 32768]", cfg)
     _require(r.max_context_tokens >= r.max_response_tokens, "rollout.max_context_tokens",
              f"must be >= max_response_tokens={r.max_response_tokens}", cfg)
-    _require(r.max_context_tokens <= cfg.train.max_seq_len, "rollout.max_context_tokens",
-             f"must fit one packed row (train.max_seq_len={cfg.train.max_seq_len})", cfg)
+    # An episode longer than train.max_seq_len trains on its first part (batching.pack cuts and counts it).
 
     a = cfg.algo
     _require(a.clip_low < 1, "algo.clip_low", "must be < 1 (the ratio floor 1 - clip_low must stay positive)", cfg)
@@ -194,3 +199,6 @@ def validate(cfg, *, known_presets: Sequence[str] | None = None) -> None:
         _require(t.max_seq_len % (2 * mesh.sequence) == 0, "train.max_seq_len",
                  f"must be divisible by 2 * mesh.sequence = {2 * mesh.sequence}", cfg)
     _require(cfg.profile.port <= 65535, "profile.port", "must be a port number (0 = off)", cfg)
+    # Validation episodes run on the training engine, whose cache holds rollout.max_context_tokens.
+    _require(r.max_context_tokens >= cfg.eval.max_response_tokens, "rollout.max_context_tokens",
+             f"must be >= eval.max_response_tokens={cfg.eval.max_response_tokens} (validation shares the cache)", cfg)

@@ -57,3 +57,21 @@ def markdown_table(scores: dict[str, float]) -> str:
                  f"{scores['format_error_rate']:.3f}; tokens per entry {scores['tokens_per_entry']:.0f} "
                  f"({scores['sampled_tokens_per_entry']:.0f} sampled)")
     return "\n".join(lines)
+
+
+def reward_rise(rows, *, key: str = "reward/mean", n: int = 3) -> tuple[float, float]:
+    """(mean of `key` over the first n logged steps, mean over the last n): the demo's learning check. Rows are
+    metrics.jsonl records (dicts with "step"); steps without `key` are skipped."""
+    values = [r[key] for r in sorted(rows, key=lambda r: r["step"]) if key in r]
+    if len(values) < 2 * n:
+        raise ValueError(f"need at least {2 * n} steps with {key!r} to compare the first and last {n}, "
+                         f"got {len(values)}")
+    return float(np.mean(values[:n])), float(np.mean(values[-n:]))
+
+
+def reward_rise_lines(rows, *, key: str = "reward/mean", n: int = 3) -> list[str]:
+    """What the demo prints last: the per-step curve and the first-n / last-n comparison."""
+    first, last = reward_rise(rows, key=key, n=n)
+    curve = " ".join(f"{r[key]:.2f}" for r in sorted(rows, key=lambda r: r["step"]) if key in r)
+    return [f"{key} per GRPO step: {curve}",
+            f"{key}: first {n} steps {first:.3f} -> last {n} steps {last:.3f} ({last - first:+.3f})"]

@@ -44,6 +44,7 @@ def _assert_same_weights(a, b):
 
 # ---------------------------------------------------------------------------------------------- entry lists
 def test_entry_ids_follow_t3rl_split_and_all_is_the_400_held_out():
+    assert eval_bfcl.eval_entry_ids() == eval_bfcl.eval_entry_ids("all")  # the default is all 400
     test, val, held_out = (eval_bfcl.eval_entry_ids(s) for s in ("test", "val", "all"))
     assert len(test) == 300 and len(val) == 100 and len(held_out) == 400
     assert set(held_out) == set(test) | set(val) and not set(test) & set(val)
@@ -136,8 +137,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 def _run(tmp_path, tiny_checkpoint, *extra):
     out = tmp_path / "out"
-    argv = ["--checkpoint", tiny_checkpoint, "--out", str(out), "--num_workers", "0", "--slots", "4",
-            "--max_context_tokens", "8192", *extra]
+    argv = ["--checkpoint", tiny_checkpoint, "--out", str(out), "--num_workers", "1", "--slots", "4", *extra]
     assert eval_bfcl.main(argv) == 0
     with open(out / "results.json") as f:
         results = json.load(f)
@@ -158,13 +158,18 @@ def test_scripted_ground_truth_scores_100_percent_in_every_category(tmp_path, ti
     assert scores["accuracy/overall"] == 1.0
     assert all(scores[f"accuracy/{c}"] == 1.0 for c in catalog.CATEGORIES)
     assert "| **overall** (mean of categories) | 4 | **100.0** |" in md
-    assert "**100.0**" in capsys.readouterr().out
+    # bfcl-eval's own multi_turn_checker confirms every entry, on the calls rebuilt from the tokens.
+    assert results["agreement"] == 1.0 and results["disagreements"] == []
+    assert results["protocol"] == "bfcl" and results["limits"]["max_steps_per_turn"] == 20
+    assert results["limits"]["max_context_tokens"] == 49152 and results["limits"]["max_response_tokens"] == 20000
+    out = capsys.readouterr().out
+    assert "**100.0**" in out and "multi_turn_checker agreement: 100.0% of 4 entries (0 disagree)" in out
 
 
 @pytest.mark.slow
 def test_greedy_eval_of_random_model_writes_the_table(tmp_path, tiny_checkpoint, capsys):
-    results, md = _run(tmp_path, tiny_checkpoint, "--categories", "base", "--max_entries", "2",
-                       "--max_response_tokens", "48", "--max_steps_per_turn", "2")
+    results, md = _run(tmp_path, tiny_checkpoint, "--split", "test", "--categories", "base", "--max_entries", "2",
+                       "--max_response_tokens", "48", "--max_steps_per_turn", "2", "--max_context_tokens", "8192")
     entries = results["entries"]
     assert [e["entry_id"] for e in entries] == eval_bfcl.eval_entry_ids("test", ("base",), 2)
     for e in entries:
@@ -177,3 +182,53 @@ def test_greedy_eval_of_random_model_writes_the_table(tmp_path, tiny_checkpoint,
     assert md.splitlines()[2] == "| category | entries | accuracy (%) | mean progress |"
     assert "| base | 2 |" in md and "tokens per entry" in md
     assert "| **overall** (mean of categories) | 2 |" in capsys.readouterr().out
+
+
+def test_cli_defaults_are_the_bfcl_protocol_on_400_entries():
+    args, _ = eval_bfcl.parse_args(["--scripted"])
+    assert (args.split, args.protocol, args.temperature) == ("all", "bfcl", 0.0)
+    limits = eval_bfcl.limits_from_args(args)
+    from bfcl_eval.constants.default_prompts import MAXIMUM_STEP_LIMIT
+
+    assert limits.max_steps_per_turn == MAXIMUM_STEP_LIMIT
+    assert (limits.max_response_tokens, limits.max_context_tokens) == (20000, 49152)
+    with pytest.raises(SystemExit):
+        eval_bfcl.parse_args([])  # no model and not scripted
+
+
+def _bad_call_script(entry_id, turn, step_in_turn):
+    if step_in_turn == 0:
+        return {"role": "assistant", "content": None, "tool_calls": [{"name": "no_such_tool", "arguments": {}}]}
+    return {"role": "assistant", "content": "Done."}
+
+
+@pytest.mark.slow
+def test_evaluation_never_adds_hints_even_where_training_would(tiny_checkpoint):
+    """The same failing call gets a hint in a training episode (augment on) and none in evaluate()."""
+    from environments.bfcl.hints import HINT_PREFIX
+    from environments.bfcl.pool import EnvPool
+    from t3rl_jax.chat_format import ChatEncoder
+    from t3rl_jax.eval import bfcl
+    from t3rl_jax.rollout.driver import EpisodeRequest, RolloutDriver
+    from t3rl_jax.rollout.engine import Qwen3Engine, SamplingSettings
+    from t3rl_jax.tokenizer import load_tokenizer
+
+    chat = ChatEncoder(load_tokenizer())
+    model, _ = load_model(checkpoint=tiny_checkpoint)
+    engine = Qwen3Engine(model, max_concurrent_decodes=2, max_prefill_length=4096, max_cache_length=8192)
+    limits = bfcl.make_limits(max_steps_per_turn=3, max_model_calls=20, max_response_tokens=4096,
+                              max_context_tokens=8192)
+    entry = "multi_turn_base_115"
+    with EnvPool(num_workers=1) as pool:
+        training = RolloutDriver(engine, pool, chat, limits=limits, script=_bad_call_script).run(
+            [EpisodeRequest(entry, augment=True)])[0]
+        report = bfcl.evaluate(engine=engine, pool=pool, chat=chat, entry_ids=[entry], limits=limits,
+                               sampling=SamplingSettings(temperature=0.0), prompt_style="t3rl", seed=0,
+                               script=_bad_call_script, cross_check=True)
+    text = lambda t: chat.tokenizer.decode(t.token_ids)  # noqa: E731
+    assert HINT_PREFIX.strip() in text(training)
+    evaluated = report.trajectories[0]
+    assert evaluated.num_tool_calls == training.num_tool_calls > 0
+    assert HINT_PREFIX.strip() not in text(evaluated)
+    # Wrong calls fail every turn in both scorers.
+    assert report.scores["accuracy/overall"] == 0.0 and report.agreement == 1.0
