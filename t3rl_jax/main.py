@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stage {cfg.stage} finished at step {result['step']}"
               + (f" ({result['stop']})" if result.get("stop") else "")
               + (f", val accuracy {result['val/accuracy/overall']:.3f}" if "val/accuracy/overall" in result else ""))
+        print_reward_rise(cfg.workdir)
         if result.get("stop") == "sigterm" or not cfg.next_stage:
             return 0
         if not chain:
@@ -73,6 +74,22 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"config error in chained stage {cfg.next_stage}: {e}", file=sys.stderr)
             return 2
+
+
+def print_reward_rise(workdir: str) -> None:
+    """The stage's sampled-reward curve and its first-3 / last-3 comparison, last on stdout (the demo's proof of
+    learning; plots/reward.png draws the same series). Nothing for runs of fewer than 6 logged steps."""
+    import jax
+
+    from t3rl_jax.evaluation import reward_rise_lines
+    from t3rl_jax.metrics import read_metrics
+
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    rows = [r for r in read_metrics(path) if "reward/mean" in r]
+    if len(rows) >= 6:
+        print("\n".join(reward_rise_lines(rows)))
 
 
 def use_compilation_cache(directory: str) -> None:

@@ -168,9 +168,8 @@ def entry_seed(seed: int, entry_id: str) -> int:
 
 
 def eval_requests(entry_ids: Sequence[str], *, seed: int, prompt_style: str) -> list[EpisodeRequest]:
-    style = {"prompt_style": prompt_style} if "prompt_style" in EpisodeRequest.__dataclass_fields__ else {}
     return [EpisodeRequest(e, group_id=i, sample_index=0, seed=entry_seed(seed, e), augment=False,
-                           reward_kind="progress", category=category_of(e), **style)
+                           reward_kind="progress", category=category_of(e), prompt_style=prompt_style)
             for i, e in enumerate(entry_ids)]
 
 

@@ -23,9 +23,9 @@ from flax import nnx
 from t3rl_jax import data as data_lib
 from t3rl_jax import params_checkpoint, profiling
 from t3rl_jax.checkpointing import Checkpointer, SigtermFlag
-from t3rl_jax.evaluation import category_of, score_trajectories
 from t3rl_jax.metrics import MetricsLogger
-from t3rl_jax.rollout.driver import EpisodeRequest, RolloutDriver, RolloutLimits
+from t3rl_jax.eval import bfcl as bfcl_eval
+from t3rl_jax.rollout.driver import EpisodeRequest, RolloutLimits
 from t3rl_jax.rollout.engine import SamplingSettings
 from t3rl_jax.run import state as state_lib
 
@@ -74,8 +74,9 @@ def rollout_limits(cfg, steps_per_turn: int) -> RolloutLimits:
                          prefill_tokens_per_call=r.prefill_tokens_per_call)
 
 
-def validation_seed(run_seed: int, step: int, entry_id: str) -> int:
-    digest = hashlib.blake2b(f"val/{run_seed}/{step}/{entry_id}".encode(), digest_size=4).digest()
+def validation_seed(run_seed: int, step: int) -> int:
+    """The evaluation seed of step `step`'s validation (each entry derives its own from it)."""
+    digest = hashlib.blake2b(f"val/{run_seed}/{step}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little")
 
 
@@ -90,19 +91,20 @@ def validation_ids(cfg, chat) -> list[str]:
 
 
 def validation_requests(cfg, entry_ids: list[str], step: int) -> list[EpisodeRequest]:
-    """One episode per entry: progress reward, no hints, its own seed."""
-    return [EpisodeRequest(e, group_id=i, seed=validation_seed(cfg.seed, step, e), augment=False,
-                           reward_kind="progress", category=category_of(e)) for i, e in enumerate(entry_ids)]
+    """One episode per entry: progress reward, no hints, its own seed (what `validate` runs)."""
+    return bfcl_eval.eval_requests(entry_ids, seed=validation_seed(cfg.seed, step), prompt_style=cfg.eval.prompt_style)
 
 
 def validate(cfg, *, engine, pool, chat, params, entry_ids: list[str], step: int) -> dict:
-    """Per-category accuracy and progress of one episode per entry, under `val/`."""
-    requests = validation_requests(cfg, entry_ids, step)
+    """Per-category accuracy and progress under `val/`: scripts/eval_bfcl.py's evaluation (t3rl_jax/eval/bfcl.py)
+    on the eval.split entries, with the eval.* limits and the training engine."""
     sampling = SamplingSettings(temperature=0.0 if cfg.eval.greedy else cfg.rollout.temperature,
                                 top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k)
-    driver = RolloutDriver(engine, pool, chat, limits=rollout_limits(cfg, cfg.eval.max_steps_per_turn),
-                           sampling=sampling)
-    return {f"val/{k}": v for k, v in score_trajectories(driver.run(requests, params)).items()}
+    report = bfcl_eval.evaluate(engine=engine, pool=pool, chat=chat, entry_ids=entry_ids,
+                                limits=bfcl_eval.validation_limits(cfg), sampling=sampling,
+                                prompt_style=cfg.eval.prompt_style, seed=validation_seed(cfg.seed, step),
+                                params=params)
+    return {f"val/{k}": v for k, v in report.scores.items()}
 
 
 class Validation(Hook):
