@@ -5,7 +5,7 @@ ground truth of its two training entries (`rl/sft.py`: teacher-forced through th
 on the assistant tokens), then runs GRPO with the progress reward on the same entries at temperature 1.0; the
 sampled reward rises as GRPO sharpens what the warm start began. Validation replays the same two entries greedily.
 The entries (`configs/splits/tiny_train.jsonl`, written with `splits.record`) are the shortest TradingBot tasks:
-2.2k-token prompts and 3-4 turns of one call each.
+3.6k-token prompts in the `t3rl` style and 3-4 turns of one call each (whole ground truth <= 4,034 tokens).
 """
 
 import os
@@ -27,17 +27,16 @@ def get_config():
     c.mesh.update(fsdp=1, data=-1)
     c.data.update(train_file=DEMO_ENTRIES, val_file=DEMO_ENTRIES,
                   prompts_per_step=2, max_entries=0, categories=("base",))
-    # 512 response tokens: today's driver counts them over the whole episode, and the ground truth after the prompt
-    # is 326-420 tokens (a cap of 128 ended every demo episode after its first turn).
+    # 128 new tokens per model call (a ground-truth reply is < 60); the context holds the whole ground truth.
     c.rollout.update(
-        samples_per_prompt=4, max_concurrent_decodes=8, max_prefill_length=2560, max_response_tokens=512,
-        max_context_tokens=3072, max_steps_per_turn=2, max_model_calls=10, prefill_tokens_per_call=8192,
+        samples_per_prompt=4, max_concurrent_decodes=8, max_prefill_length=4096, max_response_tokens=128,
+        max_context_tokens=4608, max_steps_per_turn=2, max_model_calls=10, prefill_tokens_per_call=8192,
     )
     c.env.update(augment=False, num_workers=2, step_timeout_s=60.0)  # generous: CI machines are shared
     # Every group trains (a filtered step with no varied group would skip its update in this short run).
     c.algo.update(filter_zero_variance=False, refill_groups=False)
-    c.train.update(num_steps=12, lr=5e-4, micro_batch_size=2, max_seq_len=3072)
+    c.train.update(num_steps=12, lr=5e-4, micro_batch_size=2, max_seq_len=4608)
     c.checkpoint.update(every_steps=6, keep=2)
-    c.eval.update(every_steps=12, max_entries=0, max_steps_per_turn=2, max_response_tokens=512, max_model_calls=10)
+    c.eval.update(every_steps=12, max_entries=0, max_steps_per_turn=2, max_response_tokens=128, max_model_calls=10)
     c.warm_start.update(steps=110, lr=1e-2, max_entries=0)
     return c

@@ -24,7 +24,7 @@ from bfcl_eval.constants.default_prompts import MAXIMUM_STEP_LIMIT as BFCL_STEP_
 
 from environments.bfcl import catalog, splits
 from environments.bfcl.episode import Episode
-from t3rl_jax.chat_format import ChatEncoder, to_json
+from t3rl_jax.chat_format import ChatEncoder
 from t3rl_jax.evaluation import category_of, score_trajectories
 from t3rl_jax.eval import bfcl_checker
 from t3rl_jax.rollout.driver import EpisodeRequest, RolloutDriver, RolloutLimits
@@ -108,10 +108,11 @@ def check_entries_exist(entry_ids: Sequence[str], *, source: str) -> None:
 
 
 @functools.lru_cache(maxsize=4096)
-def ground_truth_tokens(entry_id: str, chat: ChatEncoder) -> tuple[int, int]:
-    """(prompt tokens, whole-episode tokens) of a perfect ground-truth replay, counted as the driver builds the
-    trajectory (prompt, one reply per ground-truth step, tool-response and next-turn deltas); no model runs."""
-    episode = Episode(entry_id)
+def ground_truth_tokens(entry_id: str, chat: ChatEncoder, prompt_style: str = "t3rl") -> tuple[int, int]:
+    """(prompt tokens, whole-episode tokens) of a perfect ground-truth replay in `prompt_style`, counted as the
+    driver builds the trajectory (prompt, one reply per ground-truth step, tool-response and next-turn deltas, the
+    reveal message as the environment words it); no model runs."""
+    episode = Episode(entry_id, prompt_style=prompt_style)
     prompt = total = len(chat.prompt_ids(episode.first_messages, episode.tools))
     turn = 0
     while True:
@@ -129,31 +130,27 @@ def ground_truth_tokens(entry_id: str, chat: ChatEncoder) -> tuple[int, int]:
         turn += 1
         if messages is None:
             return prompt, total
-        messages = [dict(m) for m in messages]
-        if episode.revealed_tools:
-            messages[-1]["content"] += "\n<tools>\n" + "\n".join(to_json(t) for t in episode.revealed_tools) + \
-                "\n</tools>"
-        total += len(chat.delta_ids(messages))
+        total += len(chat.delta_ids([dict(m) for m in messages]))
 
 
 @functools.lru_cache(maxsize=4096)
-def _prompt_tokens(entry_id: str, chat: ChatEncoder) -> int:
-    episode = Episode(entry_id)
+def _prompt_tokens(entry_id: str, chat: ChatEncoder, prompt_style: str) -> int:
+    episode = Episode(entry_id, prompt_style=prompt_style)
     return len(chat.prompt_ids(episode.first_messages, episode.tools))
 
 
-def check_budget(entry_ids: Sequence[str], chat: ChatEncoder, limits: RolloutLimits, *,
+def check_budget(entry_ids: Sequence[str], chat: ChatEncoder, limits: RolloutLimits, *, prompt_style: str = "t3rl",
                  key: str = "max_context_tokens") -> dict[str, str]:
     """Raise if an entry's first prompt cannot fit the context (naming `key`, the entry and the numbers); return the
     entries whose ground-truth replay would not fit, with the reason (they still run, and are listed)."""
     excluded = {}
     for entry_id in entry_ids:
-        prompt = _prompt_tokens(entry_id, chat)
+        prompt = _prompt_tokens(entry_id, chat, prompt_style)
         if prompt + 1 >= limits.max_context_tokens:
             raise ValueError(f"{key}={limits.max_context_tokens} cannot hold the prompt of {entry_id} "
                              f"({prompt} tokens plus at least one reply token)")
         if catalog.parse_entry_id(entry_id)[0] == "long_context" or prompt > limits.max_context_tokens // 2:
-            _, total = ground_truth_tokens(entry_id, chat)
+            _, total = ground_truth_tokens(entry_id, chat, prompt_style)
             if total > limits.max_context_tokens:
                 excluded[entry_id] = (f"ground-truth replay needs {total} tokens > {key}="
                                       f"{limits.max_context_tokens}")
@@ -184,7 +181,7 @@ def evaluate(*, engine, pool, chat: ChatEncoder, entry_ids: Sequence[str], limit
         raise ValueError(f"unknown prompt style {prompt_style!r}; expected one of {PROTOCOLS}")
     entry_ids = list(entry_ids)
     check_entries_exist(entry_ids, source="evaluation entries")
-    excluded = check_budget(entry_ids, chat, limits) if check_budget_first else {}
+    excluded = check_budget(entry_ids, chat, limits, prompt_style=prompt_style) if check_budget_first else {}
     driver = RolloutDriver(engine, pool, chat, limits=limits, sampling=sampling, script=script)
     trajectories = driver.run(eval_requests(entry_ids, seed=seed, prompt_style=prompt_style), params)
     scores = score_trajectories(trajectories)
