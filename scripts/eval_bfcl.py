@@ -28,7 +28,7 @@ from environments.bfcl.pool import EnvPool
 from t3rl_jax.chat_format import ChatEncoder
 from t3rl_jax.eval import bfcl as bfcl_eval
 from t3rl_jax.evaluation import markdown_table
-from t3rl_jax.model_loading import load_model_from_args, split_config_args
+from t3rl_jax.model_loading import add_model_source_args, load_model_from_args, split_config_args
 from t3rl_jax.rollout.engine import Qwen3Engine, SamplingSettings
 from t3rl_jax.rollout.scripted import ground_truth_reply
 from t3rl_jax.tokenizer import load_tokenizer
@@ -96,13 +96,7 @@ def parse_args(argv):
     run_config, argv = split_config_args(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", help="trainer workdir / checkpoints dir / step dir, or a params checkpoint")
-    src.add_argument("--hf_dir", help="Hugging Face model directory")
-    p.add_argument("--step", type=int, help="step of a trainer checkpoint (default: latest)")
-    p.add_argument("--param_dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="compute and KV-cache dtype (bfloat16 on GPU)")
+    add_model_source_args(p, required=False)
     p.add_argument("--split", default="all", choices=bfcl_eval.SPLITS)
     p.add_argument("--categories", nargs="+", default=list(catalog.CATEGORIES), choices=catalog.CATEGORIES)
     p.add_argument("--max_entries", type=int, help="at most N entries per category (quick runs)")
@@ -148,7 +142,7 @@ def main(argv=None) -> int:
     chat = ChatEncoder(load_tokenizer())
     # Bad budgets and unknown entries stop here, before any model is loaded or compiled.
     bfcl_eval.check_entries_exist(entry_ids, source=f"split {args.split!r}")
-    bfcl_eval.check_budget(entry_ids, chat, limits, key="--max_context_tokens")
+    bfcl_eval.check_budget(entry_ids, chat, limits, prompt_style=args.protocol, key="--max_context_tokens")
     if args.checkpoint or args.hf_dir:
         model, config = load_model_from_args(args, run_config)
     else:
@@ -157,7 +151,7 @@ def main(argv=None) -> int:
     sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p)
     print(f"evaluating {len(entry_ids)} entries ({args.split}: {', '.join(args.categories)}; {args.protocol} "
           f"protocol){' with the scripted ground truth' if args.scripted else ''}", flush=True)
-    engine = Qwen3Engine(model, max_concurrent_decodes=args.slots,
+    engine = Qwen3Engine(model, tokenizer=chat.tokenizer, max_concurrent_decodes=args.slots,
                          max_prefill_length=min(args.max_prefill_length, limits.max_context_tokens),
                          max_cache_length=limits.max_context_tokens, sampling=sampling)
     with EnvPool(num_workers=args.num_workers) as pool:

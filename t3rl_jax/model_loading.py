@@ -99,9 +99,10 @@ def split_config_args(argv: list[str]):
     return None, argv
 
 
-def add_model_source_args(parser) -> None:
-    """The model-source flags shared by the command-line tools (eval, serve)."""
-    src = parser.add_mutually_exclusive_group(required=True)
+def add_model_source_args(parser, *, required: bool = True) -> None:
+    """The model-source flags shared by the command-line tools (eval, serve); `required=False` where the tool can
+    run without a model (eval's ground-truth replay)."""
+    src = parser.add_mutually_exclusive_group(required=required)
     src.add_argument("--checkpoint", help="trainer workdir / checkpoints dir / step dir, or a params checkpoint")
     src.add_argument("--hf_dir", help="Hugging Face model directory")
     parser.add_argument("--step", type=int, help="step of a trainer checkpoint (default: latest)")

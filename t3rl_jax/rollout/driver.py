@@ -13,7 +13,7 @@ from typing import Any
 
 from t3rl_jax.chat_format import ChatEncoder
 from t3rl_jax.rollout.protocol import EpisodeProtocol, EpisodeRequest, RolloutLimits, open_remote
-from t3rl_jax.rollout.scheduler import MAX_PREFILL_ROWS, RolloutMetrics, SlotScheduler
+from t3rl_jax.rollout.scheduler import MAX_PREFILL_ROWS, RolloutMetrics, SlotScheduler, check_context_fits
 from t3rl_jax.rollout.trajectory import Trajectory
 
 __all__ = ["RolloutDriver", "RolloutLimits", "EpisodeRequest", "RolloutMetrics", "Trajectory", "MAX_PREFILL_ROWS"]
@@ -25,9 +25,7 @@ class RolloutDriver:
         """`engine`: a rollout backend (`Qwen3Engine`); `pool`: an environment pool (`EnvPool`).
         `script(entry_id, turn, reply_in_turn) -> assistant message dict` teacher-forces every reply instead of
         sampling (ground-truth replay through the real engine, episode rules and scoring; log-probs are 0)."""
-        if limits.max_context_tokens > engine.max_cache_length:
-            raise ValueError(f"max_context_tokens {limits.max_context_tokens} exceeds the engine's cache length "
-                             f"{engine.max_cache_length}")
+        check_context_fits(limits, engine)  # before any episode opens
         self.engine = engine
         self.pool = pool
         self.chat = chat

@@ -22,7 +22,7 @@ import dataclasses
 import heapq
 import time
 from collections.abc import Callable
-from typing import Any
+
 
 import numpy as np
 
@@ -93,13 +93,17 @@ class _Slot:
     logprobs: list = dataclasses.field(default_factory=list)
 
 
+def check_context_fits(limits: RolloutLimits, engine) -> None:
+    if limits.max_context_tokens > engine.max_cache_length:
+        raise ValueError(f"max_context_tokens {limits.max_context_tokens} exceeds the engine's cache length "
+                         f"{engine.max_cache_length}")
+
+
 class SlotScheduler:
     def __init__(self, engine, limits: RolloutLimits, sampling, metrics: RolloutMetrics, *, stop_ids):
         """`engine`: a rollout backend (`Qwen3Engine`'s slot methods); `sampling`: SamplingSettings of every slot;
         `stop_ids`: the tokens that end a reply (the engine's: `<|im_end|>`, `<|endoftext|>`)."""
-        if limits.max_context_tokens > engine.max_cache_length:
-            raise ValueError(f"max_context_tokens {limits.max_context_tokens} exceeds the engine's cache length "
-                             f"{engine.max_cache_length}")
+        check_context_fits(limits, engine)
         self.engine = engine
         self.limits = limits
         self.sampling = sampling
