@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     else:
         assets = params_checkpoint.asset_files(args.checkpoint)
         if "tokenizer.json" not in assets:
-            assets, template = hf_io.default_tokenizer_files(), hf_io.qwen3_2507_chat_template()
+            # The checkpoint's own files (e.g. generation_config.json) stay; the tokenizer is the default one.
+            assets, template = {**hf_io.default_tokenizer_files(), **assets}, hf_io.qwen3_2507_chat_template()
     hf_io.export_hf_dir(model, config, args.out, dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 2**30),
                         assets=assets, chat_template=template)
     print(f"exported {args.checkpoint} to {args.out} ({dtype}) in {time.time() - start:.1f}s")

@@ -234,7 +234,7 @@ def _train_pieces(ctx: Context, seq: int):
 
     cfg = _one_device_config("stage1", {"init_from": "", "train.max_seq_len": seq, "train.micro_batch_size": 1,
                                         "rollout.max_context_tokens": seq, "rollout.max_prefill_length": seq // 2,
-                                        "rollout.max_response_tokens": seq // 2})
+                                        "rollout.max_response_tokens": seq // 2, "eval.max_response_tokens": seq // 2})
     setup = build_setup(cfg, devices=list(ctx.mesh.devices.flat))
     step = GRPOStep(setup.bundle.train_model(setup.abstract_params), setup.optimizer, setup.step_settings,
                     param_shardings=setup.param_shardings, opt_shardings=setup.opt_shardings,

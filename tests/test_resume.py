@@ -14,8 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOLATILE = ("time/", "rollout/", "throughput/", "mfu")  # wall-clock measurements
 STEPS = 3
 OVERRIDES = ["train.num_steps=3", "seed=7", "data.prompts_per_step=1", "rollout.samples_per_prompt=2",
-             "rollout.max_concurrent_decodes=2", "rollout.max_prefill_length=2304", "rollout.max_response_tokens=24",
-             "rollout.max_context_tokens=2336", "train.max_seq_len=2336", "train.micro_batch_size=4",
+             "rollout.max_concurrent_decodes=2", "rollout.max_prefill_length=4096", "rollout.max_response_tokens=24",
+             "rollout.max_context_tokens=4224", "train.max_seq_len=4224", "train.micro_batch_size=4",
+             "warm_start.steps=0",
              "mesh.fsdp=2", "mesh.sequence=2", "env.num_workers=2", "algo.kl_coef=0.1",
              "checkpoint.every_steps=1", "checkpoint.async_save=True", "eval.every_steps=3", "eval.max_entries=1",
              "log.wandb_mode=disabled"]

@@ -33,8 +33,9 @@ class DelayedAnswers:
         self.handed = []  # (entry_id, issued_at, handed_at)
         self._lock = threading.Lock()
 
-    def open(self, entry_id, *, augment=False, reward_kind="progress"):
-        return _DelayedEpisode(self, self.pool.open(entry_id, augment=augment, reward_kind=reward_kind), entry_id)
+    def open(self, entry_id, *, augment=False, reward_kind="progress", prompt_style="t3rl"):
+        return _DelayedEpisode(self, self.pool.open(entry_id, augment=augment, reward_kind=reward_kind,
+                                                    prompt_style=prompt_style), entry_id)
 
     def relay(self, future, entry_id):
         out, issued, delay = Future(), time.perf_counter(), self.delay(entry_id)

@@ -24,16 +24,17 @@ def test_warm_start_fits_ground_truth_assistant_tokens():
     from t3rl_jax import model_factory
     from t3rl_jax.config import load_config
     from t3rl_jax.rl.sft import warm_start, warm_start_entries
-    from t3rl_jax.trainer import Trainer
+    from t3rl_jax.run.loop import make_engine
+    from t3rl_jax.run.setup import build_setup
 
     cfg = load_config("tiny", {"model.hidden_size": 32, "model.intermediate_size": 64, "model.head_dim": 8,
                                "train.micro_batch_size": 8, "warm_start.steps": 8, "warm_start.lr": 1e-2,
                                "warm_start.max_entries": 1})
     assert jax.device_count() == 8
-    trainer = Trainer(cfg)
+    trainer = build_setup(cfg)
     params = model_factory.init_params(cfg, trainer.bundle)
     before = [np.asarray(x).copy() for x in jax.tree.leaves(params)]
-    engine = trainer._engine(params)
+    engine = make_engine(trainer, params)
     assert warm_start_entries(cfg) == ["multi_turn_base_115"]
     with EnvPool(cfg.env.num_workers, step_timeout_s=cfg.env.step_timeout_s) as pool:
         new, metrics = warm_start(cfg, bundle=trainer.bundle, mesh=trainer.mesh,

@@ -103,3 +103,12 @@ def make_env_pool(env_cfg, *, num_workers: int | None = None, wait_ready: bool =
             pool.shutdown()
             raise
     return pool
+
+
+def local_episode(entry_id: str, *, prompt_style: str = "t3rl"):
+    """One episode stepped in this process, without a worker (for counting a ground-truth replay's tokens; never
+    for model text at training scale, which goes through the pool's isolation and timeouts)."""
+    from environments.bfcl.episode import Episode
+
+    return Episode(entry_id, prompt_style=prompt_style)
+

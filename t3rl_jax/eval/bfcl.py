@@ -23,10 +23,10 @@ from collections.abc import Sequence
 from bfcl_eval.constants.default_prompts import MAXIMUM_STEP_LIMIT as BFCL_STEP_LIMIT
 
 from environments.bfcl import catalog, splits
-from environments.bfcl.episode import Episode
 from t3rl_jax.chat_format import ChatEncoder
 from t3rl_jax.evaluation import category_of, score_trajectories
 from t3rl_jax.eval import bfcl_checker
+from t3rl_jax.envs.base import local_episode
 from t3rl_jax.rollout.driver import EpisodeRequest, RolloutDriver, RolloutLimits
 from t3rl_jax.rollout.scripted import ground_truth_reply
 from t3rl_jax.rollout.trajectory import Trajectory
@@ -112,7 +112,7 @@ def ground_truth_tokens(entry_id: str, chat: ChatEncoder, prompt_style: str = "t
     """(prompt tokens, whole-episode tokens) of a perfect ground-truth replay in `prompt_style`, counted as the
     driver builds the trajectory (prompt, one reply per ground-truth step, tool-response and next-turn deltas, the
     reveal message as the environment words it); no model runs."""
-    episode = Episode(entry_id, prompt_style=prompt_style)
+    episode = local_episode(entry_id, prompt_style=prompt_style)
     prompt = total = len(chat.prompt_ids(episode.first_messages, episode.tools))
     turn = 0
     while True:
@@ -135,7 +135,7 @@ def ground_truth_tokens(entry_id: str, chat: ChatEncoder, prompt_style: str = "t
 
 @functools.lru_cache(maxsize=4096)
 def _prompt_tokens(entry_id: str, chat: ChatEncoder, prompt_style: str) -> int:
-    episode = Episode(entry_id, prompt_style=prompt_style)
+    episode = local_episode(entry_id, prompt_style=prompt_style)
     return len(chat.prompt_ids(episode.first_messages, episode.tools))
 
 

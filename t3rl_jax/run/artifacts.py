@@ -51,7 +51,8 @@ def tokenizer_assets(init_from: str) -> tuple[dict[str, str], str | None]:
         files = {}
     if "tokenizer.json" in files:
         return files, None
-    return hf_io.default_tokenizer_files(), hf_io.qwen3_2507_chat_template()
+    # init_from's other files (e.g. generation_config.json) stay; the tokenizer is the default one.
+    return {**hf_io.default_tokenizer_files(), **files}, hf_io.qwen3_2507_chat_template()
 
 
 def host_params(params) -> dict:
