@@ -74,6 +74,12 @@ def compile_report(jitted, *args, **kwargs) -> dict:
             "custom_calls": dict(calls)}
 
 
+def _block(tree):
+    import jax
+
+    return jax.block_until_ready(tree)
+
+
 def timed(fn, *, repeats: int, block) -> float:
     """Median seconds of `fn()` after one warm-up call (compilation excluded)."""
     import numpy as np
@@ -85,12 +91,6 @@ def timed(fn, *, repeats: int, block) -> float:
         block(fn())
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
-
-
-def block_all(tree):
-    import jax
-
-    return jax.block_until_ready(tree)
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -265,7 +265,7 @@ def measured_bf16_peak(n: int = 8192, repeats: int = 10) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     matmul = jax.jit(lambda a, b: a @ b)
-    seconds = timed(lambda: matmul(a, b), repeats=repeats, block=block_all)
+    seconds = timed(lambda: matmul(a, b), repeats=repeats, block=_block)
     return 2 * n ** 3 / seconds
 
 
@@ -355,26 +355,14 @@ def check_decode(ctx: Context, *, slots: int = 64, context: int = 4096, steps: i
                        tokens=jnp.asarray(rng.integers(0, 1000, slots), jnp.int32),
                        limits=jnp.full((slots,), cache.max_len, jnp.int32),
                        seeds=jnp.arange(slots, dtype=jnp.uint32))
-    holder = {"state": state}
-
-    def call():
-        # The stop ids are never forced, so a slot may stop early; restore the state each call to keep 64 live.
-        new, tokens, *_ = engine.generate_steps(params, holder["state"], steps, context_bound=context)
-        return tokens, new
-
-    def run_once():
-        tokens, new = call()
-        jax.block_until_ready(tokens)
-        del new
+    def fresh_call():
+        # generate_steps donates its state, and a slot may stop early: every call decodes a fresh copy of the
+        # 64 live slots (the copy's time is measured apart and taken off).
+        _, tokens, *_ = engine.generate_steps(params, jax.tree.map(jnp.copy, state), steps, context_bound=context)
         return tokens
 
-    # generate_steps donates its state: hand it a fresh copy each time.
-    def fresh_call():
-        holder["state"] = jax.tree.map(jnp.copy, state)
-        return run_once()
-
-    seconds = timed(fresh_call, repeats=5, block=block_all)
-    copy_seconds = timed(lambda: jax.tree.map(jnp.copy, state), repeats=5, block=block_all)
+    seconds = timed(fresh_call, repeats=5, block=_block)
+    copy_seconds = timed(lambda: jax.tree.map(jnp.copy, state), repeats=5, block=_block)
     seconds = max(seconds - copy_seconds, 1e-9)
     c = bundle.config
     weight_bytes = c.num_params * 2  # bf16 weights read once per step
