@@ -71,7 +71,7 @@ def recipe() -> ml_collections.ConfigDict:
         # blockwise kernel on CPU and under context parallelism; or cudnn / splash / blockwise / xla by name.
         attention="auto",
     )
-    # 8 GPUs: FSDP across all of them; stage 2 trades some FSDP for context parallelism.
+    # [ours] 8 GPUs: FSDP across all of them; stage 2 trades some FSDP for context parallelism.
     c.mesh = dict(data=1, fsdp=-1, tensor=1, sequence=1, coordinator_address="", num_processes=1, process_id=0)
     c.data = dict(
         train_file="bfcl_train_base.jsonl",  # [T3RL script] TRAIN_DATA; relative to splits_dir
@@ -80,31 +80,35 @@ def recipe() -> ml_collections.ConfigDict:
         prompts_per_step=32,  # [T3RL script] --rollout-batch-size 32
         shuffle=True,
         max_entries=0,
-        categories=ALL_CATEGORIES,
+        categories=ALL_CATEGORIES,  # [T3RL script] every category the split file holds
     )
     c.rollout = dict(
         samples_per_prompt=16,  # [T3RL script] --n-samples-per-prompt 16
         temperature=1.0,  # [T3RL script] --rollout-temperature 1.0
-        top_p=1.0,
-        top_k=0,  # 0 = off
+        top_p=1.0,  # [slime] --rollout-top-p 1.0 (T3RL sets none)
+        top_k=0,  # [slime] --rollout-top-k -1: no truncation (0 = off here)
         max_concurrent_decodes=DECODE_SLOTS,  # [ours] sized by the KV cache (see DECODE_SLOTS); SGLang pages it
         # Initial BFCL prompts (tool docs + first question) are 3.1k-4.9k tokens.
         max_prefill_length=8192,  # [EnvTuning] max_prompt_length 8192
         max_response_tokens=10000,  # [T3RL script] --rollout-max-response-len 10000: new tokens per model call
-        max_context_tokens=CONTEXT_TOKENS,  # the episode's only token cap (see CONTEXT_TOKENS)
+        max_context_tokens=CONTEXT_TOKENS,  # [ours] the episode's only token cap (see CONTEXT_TOKENS)
         max_steps_per_turn=10,  # [T3RL code] 10 tool steps per user turn, then the answer
         max_model_calls=30,  # [T3RL code] model calls per episode
-        # Padded prompt tokens prefilled per engine call when several episodes start or resume together (bounds
+        # [ours] padded prompt tokens prefilled per engine call when several episodes start or resume together (bounds
         # prefill activation memory; a GRPO group's identical prompts count once).
         prefill_tokens_per_call=8192,
     )
     c.prompt = dict(style="t3rl")  # [T3RL code] its system prompt and bfcl-eval's convert_to_tool tool docs
-    # [T3RL code] unmodified bfcl-eval classes, no hints.
-    c.env = dict(augment=False, num_workers=32, step_timeout_s=10.0, reward="progress")
+    c.env = dict(
+        augment=False,  # [T3RL code] unmodified bfcl-eval classes, no hints
+        num_workers=32,  # [ours] environment worker processes (T3RL steps its envs in the rollout workers)
+        step_timeout_s=10.0,  # [ours] a tool step that hangs longer fails its episode (env_failed)
+        reward="progress",  # [T3RL code] correct turns / total turns
+    )
     c.algo = dict(
         advantage="grpo",  # [slime] (r - mean) / (std + eps)
-        policy_loss="ppo_clip",  # names registered in t3rl_jax/rl/registry.py, as are advantage, kl_type, loss_agg
-        adv_eps=1e-6,
+        policy_loss="ppo_clip",  # [slime] PPO clipped surrogate; names registered in t3rl_jax/rl/registry.py, as are advantage, kl_type, loss_agg
+        adv_eps=1e-6,  # [slime] (r - mean) / (std + 1e-6)
         clip_low=0.2,  # [T3RL script] --eps-clip 0.2
         clip_high=0.28,  # [T3RL script] --eps-clip-high 0.28
         dual_clip=0.0,  # [slime] no dual clip
@@ -115,29 +119,29 @@ def recipe() -> ml_collections.ConfigDict:
         # [T3RL script] --dynamic-sampling-filter-path ...check_reward_nonzero_std: groups without reward variance
         # are dropped and slime keeps rolling out until prompts_per_step groups have it.
         filter_zero_variance=True,
-        refill_groups=True,
+        refill_groups=True,  # [T3RL script] dynamic sampling refills (see above)
         # [ours] at most this many extra prompt batches a step rolls out to reach data.prompts_per_step groups
         max_refill_batches=8,
         failed_episodes="exclude",  # [ours] env_failed episodes: "exclude" (left out of their group) or "drop_group"
-        old_logprobs="trainer",
-        tis_cap=0.0,
+        old_logprobs="trainer",  # [slime] the trainer recomputes the old log-probs (--use-rollout-logprobs off)
+        tis_cap=0.0,  # [slime] no truncated importance sampling (--use-tis off)
     )
     c.train = dict(
         num_steps=800,  # [T3RL script] --num-rollout 800
         lr=1e-6,  # [T3RL script] --lr 1e-6
         lr_schedule="constant",  # [T3RL script] --lr-decay-style constant
-        warmup_steps=0,
+        warmup_steps=0,  # [slime] --lr-warmup-iters 0
         b1=0.9,  # [T3RL script] --adam-beta1 0.9 --adam-beta2 0.999
-        b2=0.999,
+        b2=0.999,  # [T3RL script] --adam-beta2 0.999
         weight_decay=0.01,  # [T3RL script] --weight-decay 0.01
         grad_clip=1.0,  # [T3RL script] --clip-grad 1.0
-        micro_batch_size=8,  # packed rows per micro-batch, one per device
-        # Training row: base-split episodes (<= 5.7k tokens) are never cut. A longer episode trains on its first
+        micro_batch_size=8,  # [ours] packed rows per micro-batch, one per device (memory layout, not the recipe)
+        # [ours] training row: base-split episodes (<= 5.7k tokens) are never cut. A longer episode trains on its first
         # max_seq_len tokens and keeps the whole episode's reward (as verl does); counted in
         # length/truncated_episodes.
         max_seq_len=18432,
         mini_batches_per_step=1,  # [T3RL script] --global-batch-size 512 = one optimizer step per rollout
-        max_nan_steps=3,
+        max_nan_steps=3,  # [ours] consecutive non-finite updates skipped before the run stops
     )
     c.checkpoint = dict(every_steps=20, keep=3, async_save=True)  # [T3RL script] --save-interval 20
     c.eval = dict(
@@ -151,8 +155,8 @@ def recipe() -> ml_collections.ConfigDict:
         max_response_tokens=20000,  # [T3RL script] --eval-max-response-len 20000 per model call
         max_model_calls=30,  # [T3RL code]
         prompt_style="t3rl",  # [T3RL code] validated in its own rollout format; scripts/eval_bfcl.py uses bfcl
-        keep_best=True,  # keep the checkpoint with the best validation accuracy (never rotated out)
-        plateau_patience=0,
+        keep_best=True,  # [ours] keep the checkpoint with the best validation accuracy (never rotated out)
+        plateau_patience=0,  # [T3RL script] runs all --num-rollout steps
     )
     # Supervised warm start on ground-truth trajectories of training entries before GRPO step 0 (0 = off; only
     # the CPU demo uses it: a random model never calls a tool, so GRPO alone has no signal).
@@ -190,30 +194,30 @@ def paper_stage(number: int) -> ml_collections.ConfigDict:
     c.algo.dual_clip = 10.0  # [EnvTuning] clip_ratio_c 10
     c.algo.loss_agg = "token_mean"  # [EnvTuning] verl's default loss_agg_mode token-mean
     c.rollout.max_steps_per_turn = 5  # [EnvTuning] 5 tool steps per user turn
-    c.eval.max_steps_per_turn = 5
+    c.eval.max_steps_per_turn = 5  # [EnvTuning] as in training
     c.eval.plateau_patience = 3  # [ours] the paper moves on "when validation accuracy stabilises": 3 evaluations
     # [EnvTuning] the training tensor holds the prompt (8192) + the first 10,000 response tokens, 24,576 in stages
     # 3-4; the reward still comes from the whole episode (see CONTEXT_TOKENS for the episode cap).
     c.train.max_seq_len = 8192 + 10240
     if number == 1:  # mastering syntax: format reward on a small, easy set, plain feedback
-        c.env.reward = "format"
-        c.env.augment = False
-        c.data.categories = ("base",)
-        c.data.max_entries = 50
-        c.train.num_steps = steps_for_epochs(50, c.data.prompts_per_step)
+        c.env.reward = "format"  # [EnvTuning] bfcl_reward.py, stage 1: is_tool_call * (format + tool_call), 0..2
+        c.env.augment = False  # [EnvTuning] standard feedback in stage 1
+        c.data.categories = ("base",)  # [EnvTuning] an easy set: base entries
+        c.data.max_entries = 50  # [ours] the paper gives no size for its small stage-1 set
+        c.train.num_steps = steps_for_epochs(50, c.data.prompts_per_step)  # [EnvTuning] 20 epochs a stage
     elif number == 2:  # learning with hints: base split, progress reward, augmented feedback
-        c.env.augment = True
-        c.train.num_steps = steps_for_epochs(BASE_SPLIT_SIZE, c.data.prompts_per_step)
+        c.env.augment = True  # [EnvTuning] augmented feedback
+        c.train.num_steps = steps_for_epochs(BASE_SPLIT_SIZE, c.data.prompts_per_step)  # [EnvTuning] 20 epochs
     else:  # 3: hard tasks with hints; 4: the same without hints, with stage 3's budgets
-        c.env.augment = number == 3
-        c.data.train_file = "bfcl_train.jsonl"
-        c.train.num_steps = steps_for_epochs(FULL_SPLIT_SIZE, c.data.prompts_per_step)
-        c.train.max_seq_len = 8192 + 24576
+        c.env.augment = number == 3  # [EnvTuning] hints in stage 3, none in stage 4
+        c.data.train_file = "bfcl_train.jsonl"  # [EnvTuning] all 400 training entries
+        c.train.num_steps = steps_for_epochs(FULL_SPLIT_SIZE, c.data.prompts_per_step)  # [EnvTuning] 20 epochs
+        c.train.max_seq_len = 8192 + 24576  # [EnvTuning] prompt 8192 + response 24,576 in stages 3-4
         with_long_context(c)
     return c
 
 
 def with_long_context(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """All four categories: long_context observations are long, so split rows over 4 GPUs (CP=4)."""
-    c.mesh.sequence = 4
+    c.mesh.sequence = 4  # [ours] CP=4 for T3RL stage 2 and the long_context stages (rows up to 48k tokens)
     return c

@@ -10,10 +10,10 @@ from configs.base import with_long_context
 
 def get_config():
     c = init_from_stage(named(recipe(), "stage2"), "stage1")
-    c.data.train_file = "bfcl_train.jsonl"
-    c.train.num_steps = steps_for_epochs(FULL_SPLIT_SIZE, c.data.prompts_per_step)
+    c.data.train_file = "bfcl_train.jsonl"  # [ours] T3RL's full training split (see above)
+    c.train.num_steps = steps_for_epochs(FULL_SPLIT_SIZE, c.data.prompts_per_step)  # [EnvTuning] 20 epochs
     # [slime] trains on whole episodes: one row holds the longest episode; 2 rows per micro-batch (one per FSDP
     # shard, each split 4 ways by CP) keep the tokens per device at 12,288.
-    c.train.max_seq_len = CONTEXT_TOKENS
-    c.train.micro_batch_size = 2
+    c.train.max_seq_len = CONTEXT_TOKENS  # [slime] whole episodes
+    c.train.micro_batch_size = 2  # [ours] memory layout
     return with_long_context(c)

@@ -92,15 +92,26 @@ def test_cut_off_and_unreached_turns_count_as_incorrect():
     assert result.cut_off_turns == (0,) and result.turn_correct == (False, True)
 
 
-def test_format_reward_and_reward_selection():
+def test_format_reward_is_envtunings_stage1_reward():
+    # EnvTuning: is_tool_call * (parsed replies / replies + clean tool-call replies / tool-call replies).
     episode = Episode("multi_turn_base_0", reward_kind="format")
-    episode.step([{"name": "ls", "arguments": {}}, {"name": "nope", "arguments": {}}])  # 0.5
-    episode.record_format_error("unterminated JSON")  # 0
-    episode.record_text_reply()  # ends a turn that had calls: 1
-    episode.end_turn()
-    episode.record_text_reply()  # a turn that needs tools, answered without any: 0
-    assert episode.format_score == pytest.approx(1.5 / 4)
+    episode.step([{"name": "ls", "arguments": {}}])  # ran without error
+    episode.step([{"name": "ls", "arguments": {}}, {"name": "nope", "arguments": {}}])  # one call errs
+    episode.record_format_error("unterminated JSON")
+    episode.record_text_reply()  # the answer is a round too
+    assert episode.format_score == pytest.approx(3 / 4 + 1 / 2)
     assert episode.reward == episode.format_score
+    assert reward.format_reward([reward.TOOLS_OK, reward.ANSWER]) == 2.0  # the maximum
+    # Never calling a tool earns nothing, however clean the text.
+    silent = Episode("multi_turn_base_0", reward_kind="format")
+    silent.record_text_reply()
+    assert silent.format_score == 0.0
+    assert reward.format_reward([reward.FORMAT_ERROR, reward.ANSWER]) == 0.0
+    with pytest.raises(ValueError, match="reply classes"):
+        reward.format_reward(["ok"])
+
+
+def test_reward_selection():
     assert Episode("multi_turn_base_0", reward_kind="binary").reward == 0.0
     with pytest.raises(ValueError, match="reward kind"):
         Episode("multi_turn_base_0", reward_kind="accuracy")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from environments.bfcl import catalog, hints, prompts, reward
-from environments.bfcl.executor import BAD_ARGUMENTS, BAD_CALL, UNKNOWN_TOOL, ToolEnvironment
+from environments.bfcl.executor import OK, ToolEnvironment
 from environments.bfcl.ground_truth import ground_truth_trace
 
 
@@ -52,7 +52,7 @@ class Episode:
         self._calls_in_turn = 0
         self._turn_correct: list[bool] = []
         self._cut_off: list[int] = []
-        self._reply_scores: list[float] = []
+        self._replies: list[str] = []  # reward.REPLY_CLASSES, one per reply (the format reward)
         self.failure_reason: str | None = None
         self.done = False
 
@@ -98,39 +98,32 @@ class Episode:
         if not isinstance(calls, list) or not calls:
             raise ValueError("step() needs a non-empty list of calls; use record_text_reply() for a reply without one")
         visible = self.entry.tool_names_at(self.turn) if self.augment else []
-        shown, well_formed = [], 0
+        shown, all_ran_clean = [], True
         for item in calls:
             outcome = self._env.execute(item)
             self._results.append(outcome.result)
             # Held-back miss_func tools run as in bfcl-eval (its own ground truth sometimes calls one early),
             # so any tool of the entry's classes counts as known here.
-            if outcome.kind not in (UNKNOWN_TOOL, BAD_ARGUMENTS, BAD_CALL) and outcome.problem is None:
-                well_formed += 1  # ill-typed calls run (as in bfcl-eval) but are not well-formed
+            all_ran_clean = all_ran_clean and outcome.kind == OK  # EnvTuning: any error in the results
             text = outcome.result
             if self.augment:
                 hint = hints.hint_for(outcome, visible)
                 if hint:
                     text += hints.HINT_PREFIX + hint
             shown.append(text)
-        self._reply_scores.append(reward.reply_format_score(
-            parse_error=False, calls=len(calls), well_formed_calls=well_formed,
-            turn_needs_tools=self._turn_needs_tools, called_earlier_in_turn=self._calls_in_turn > 0,
-        ))
+        self._replies.append(reward.TOOLS_OK if all_ran_clean else reward.TOOLS_ERROR)
         self._calls_in_turn += len(calls)
         return shown
 
     def record_text_reply(self) -> None:
         """Record an assistant reply without tool calls (it normally ends the turn: call end_turn next)."""
         self._require_open()
-        self._reply_scores.append(reward.reply_format_score(
-            parse_error=False, calls=0, well_formed_calls=0,
-            turn_needs_tools=self._turn_needs_tools, called_earlier_in_turn=self._calls_in_turn > 0,
-        ))
+        self._replies.append(reward.ANSWER)
 
     def record_format_error(self, reason: str) -> str:
         """Record a reply whose tool calls could not be parsed; returns the feedback text for the model."""
         self._require_open()
-        self._reply_scores.append(0.0)
+        self._replies.append(reward.FORMAT_ERROR)
         reason = reason if len(reason) <= 300 else reason[:300] + "..."
         text = f"Error: the tool calls in your reply could not be parsed ({reason})."
         if self.augment:
@@ -186,7 +179,7 @@ class Episode:
     def format_score(self) -> float:
         if self.failure_reason:
             return 0.0
-        return reward.format_reward(self._reply_scores)
+        return reward.format_reward(self._replies)
 
     @property
     def reward(self) -> float:
@@ -210,10 +203,6 @@ class Episode:
         )
 
     # ---- internals -------------------------------------------------------------------------------------------
-    @property
-    def _turn_needs_tools(self) -> bool:
-        return bool(self.entry.ground_truth[self.turn])
-
     def _require_open(self) -> None:
         if self.done:
             raise EpisodeStateError(

@@ -67,22 +67,28 @@ def binary_reward(turn_correct: Sequence[bool], num_turns: int) -> float:
     return 1.0 if len(turn_correct) == num_turns and all(turn_correct) else 0.0
 
 
-def reply_format_score(*, parse_error: bool, calls: int, well_formed_calls: int, turn_needs_tools: bool,
-                       called_earlier_in_turn: bool) -> float:
-    """Syntax score of one assistant reply for curriculum stage 1.
+# EnvTuning's reply classes for the stage-1 format reward (its interaction's per-round codes: -3 a reply that
+# failed to parse, -1 tool calls that ran without error, -2 tool calls of which one reported an error; a reply
+# without calls closes the turn and is a round too).
+FORMAT_ERROR, TOOLS_OK, TOOLS_ERROR, ANSWER = "format_error", "tools_ok", "tools_error", "answer"
+REPLY_CLASSES = (FORMAT_ERROR, TOOLS_OK, TOOLS_ERROR, ANSWER)
 
-    A reply that failed to parse scores 0; a reply with calls scores the share of well-formed ones (known tool,
-    valid arguments). A reply without calls ends the turn: it scores 1 unless the turn needs tools and none were
-    called, so that never calling cannot earn a perfect format reward."""
-    if parse_error:
+
+def format_reward(replies: Sequence[str]) -> float:
+    """EnvTuning's stage-1 reward (env_tuning/bfcl_reward.py of the paper's code), in [0, 2]:
+    is_tool_call * (format + tool_call) where format is the share of replies that parsed, tool_call the share of
+    tool-call replies whose calls all ran without error, and is_tool_call whether any reply called a tool - so an
+    episode that never calls a tool earns nothing however clean its text."""
+    unknown = sorted(set(replies) - set(REPLY_CLASSES))
+    if unknown:
+        raise ValueError(f"unknown reply classes {unknown}; expected {REPLY_CLASSES}")
+    if not replies:
         return 0.0
-    if calls:
-        return well_formed_calls / calls
-    return 0.0 if turn_needs_tools and not called_earlier_in_turn else 1.0
-
-
-def format_reward(reply_scores: Sequence[float]) -> float:
-    return sum(reply_scores) / len(reply_scores) if reply_scores else 0.0
+    ok, bad = replies.count(TOOLS_OK), replies.count(TOOLS_ERROR)
+    if ok + bad == 0:
+        return 0.0
+    parsed = (len(replies) - replies.count(FORMAT_ERROR)) / len(replies)
+    return parsed + ok / (ok + bad)
 
 
 def select_reward(kind: str, *, progress: float, binary: float, format_score: float) -> float:
