@@ -232,3 +232,30 @@ def test_evaluation_never_adds_hints_even_where_training_would(tiny_checkpoint):
     assert HINT_PREFIX.strip() not in text(evaluated)
     # Wrong calls fail every turn in both scorers.
     assert report.scores["accuracy/overall"] == 0.0 and report.agreement == 1.0
+
+
+def test_calls_of_a_reply_rewritten_into_bfcl_history_form_reach_the_cross_check():
+    """A `bfcl`-style reply that differs from bfcl-eval's history form is rewritten (observation tokens); its calls
+    must still be read back for bfcl-eval's checker (they were lost before: 4 long_context disagreements of the
+    400-entry scripted run)."""
+    from t3rl_jax.chat_format import ChatEncoder
+    from t3rl_jax.eval import bfcl
+    from t3rl_jax.rollout.trajectory import Trajectory
+    from t3rl_jax.tokenizer import load_tokenizer
+
+    chat = ChatEncoder(load_tokenizer())
+    entry = catalog.load_entry("multi_turn_base_115")
+    t = Trajectory(entry_id=entry.id, group_id=0, sample_index=0)
+    t.append_observation(chat.prompt_ids([{"role": "user", "content": "hi"}], []))
+    t.prompt_length = t.length
+    sampled = chat.assistant_ids({"role": "assistant", "content": "Let me look \u2019first.",
+                                  "tool_calls": [{"name": "get_stock_info", "arguments": {"symbol": "AMZN"}}]})
+    start = t.length
+    t.append_sampled(sampled, [0.0] * len(sampled))
+    wire = [{"name": "get_stock_info", "arguments": json.dumps({"symbol": "AMZN"})}]
+    t.rewrite_tail(start, chat.assistant_ids({"role": "assistant", "content": "", "tool_calls": wire}))
+    t.append_observation(chat.delta_ids([{"role": "tool", "content": '{"price": 1}'}]))
+    answer = chat.assistant_ids({"role": "assistant", "content": "Done."})
+    t.append_sampled(answer, [0.0] * len(answer))
+    assert sum(t.loss_mask) == len(answer)  # the rewritten reply is an observation now
+    assert bfcl.executed_turns(t, chat)[0] == [["get_stock_info(symbol='AMZN')"]]

@@ -198,20 +198,11 @@ def evaluate(*, engine, pool, chat: ChatEncoder, entry_ids: Sequence[str], limit
 
 # ---------------------------------------------------------------------------------------------- cross-check
 def _segments(traj: Trajectory):
-    """(assistant token ids, the observation token ids that follow) for each model reply, in order."""
-    ids, mask = traj.token_ids, traj.loss_mask
-    out, i, n = [], traj.prompt_length, traj.length
-    while i < n:
-        j = i
-        while j < n and mask[j]:
-            j += 1
-        k = j
-        while k < n and not mask[k]:
-            k += 1
-        if j > i:
-            out.append((ids[i:j], ids[j:k]))
-        i = k if k > i else i + 1
-    return out
+    """(reply token ids, the observation token ids that follow) for each model reply, in order; a reply rewritten
+    into bfcl-eval's history form is read in that form (the calls bfcl-eval's handler would have run)."""
+    spans = list(traj.reply_spans)
+    ends = [s for s, _ in spans[1:]] + [traj.length]
+    return [(traj.token_ids[a:b], traj.token_ids[b:e]) for (a, b), e in zip(spans, ends)]
 
 
 def executed_turns(traj: Trajectory, chat: ChatEncoder) -> list[list[list[str]]]:
