@@ -30,7 +30,15 @@ from t3rl_jax.rollout.jetstream_api import (QwenJetStreamTokenizer, engine_api, 
 
 MIN_CACHE_WINDOW = 16  # smallest attention window over the cache (powers of two above it bound recompiles)
 
-__all__ = ["Qwen3Engine", "SamplingSettings", "DecodeState", "ExtendRequest", "MIN_CACHE_WINDOW", "SLOT_AXES"]
+__all__ = ["Qwen3Engine", "context_bound_of", "SamplingSettings", "DecodeState", "ExtendRequest", "MIN_CACHE_WINDOW",
+           "SLOT_AXES"]
+
+
+def context_bound_of(context_bound) -> int | None:
+    """A backend's `context_bound`: None, one int for every slot, or {slot: bound} (the largest counts here)."""
+    if isinstance(context_bound, dict):
+        return max(context_bound.values(), default=None)
+    return context_bound
 
 
 class Qwen3Engine(engine_api.Engine):
@@ -137,8 +145,16 @@ class Qwen3Engine(engine_api.Engine):
         return self.layout.shardings()
 
     # ------------------------------------------------------------------ rollout backend
+    @property
+    def slot_classes(self) -> tuple[tuple[int, int], ...]:
+        """(slots, cache length) of each slot class: one here (`slot_classes.SlotClassBackend` composes several)."""
+        return ((self._slots, self.max_cache_length),)
+
+    def slot_capacity(self, slot: int) -> int:
+        return self.max_cache_length
+
     def extend_slots(self, params, decode_state: DecodeState, requests: list[ExtendRequest], *,
-                     context_bound: int | None = None):
+                     context_bound=None):
         """Prefill several slots in one call: each request's tokens go on top of its slot's cached history (or a
         fresh history when `reset`), then one token is sampled per slot.
 
@@ -148,7 +164,9 @@ class Qwen3Engine(engine_api.Engine):
         read only that much of the cache (when every request is a reset the engine knows it itself); a bound below
         a slot's length is a ValueError before anything runs. Returns (state, tokens [n], logprobs [n], cache
         lengths [n]) in request order; a sampled token is not yet in the cache (the next decode step feeds it).
+        A {slot: bound} mapping bounds by its largest value.
         """
+        context_bound = context_bound_of(context_bound)
         batch = extend_batch.pack(requests, num_slots=self._slots, max_prefill=self._max_prefill,
                                   max_cache_length=self.max_cache_length, sampling=self.sampling)
         if context_bound is None and all(r.reset for r in requests):
@@ -181,14 +199,15 @@ class Qwen3Engine(engine_api.Engine):
                                                  sampling=sampling_settings)], context_bound=context_bound)
         return state, token[0], logprob[0], length[0]
 
-    def generate_steps(self, params, decode_state: DecodeState, num_steps: int, *, context_bound: int | None = None):
+    def generate_steps(self, params, decode_state: DecodeState, num_steps: int, *, context_bound=None):
         """`num_steps` decode steps in one call -> (state, tokens, logprobs, valid, lengths), each [num_steps, B].
 
         A slot stops (valid False afterwards) when it samples a stop id or its cache reaches its limit.
         `context_bound` >= every active slot's cache length + num_steps lets attention read only that much of the
         cache (rounded up to a power of two); a bound below a slot's length is a ValueError (checked on the host
-        before anything runs, so the state is kept).
+        before anything runs, so the state is kept). A {slot: bound} mapping bounds by its largest value.
         """
+        context_bound = context_bound_of(context_bound)
         window = self._window(context_bound)
         if window < self.max_cache_length:
             active = np.asarray(decode_state.active)
