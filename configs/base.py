@@ -37,10 +37,11 @@ CONTEXT_TOKENS = 49152
 # slots hold 16,384 tokens (a prompt and a whole 10k-token reply) and a few the whole episode cap; an episode that
 # outgrows its slot is moved (its cache copied) into a larger one. 192 x 16,384 + 32 x 49,152 = 4.7M tokens, 87 GB
 # per H200 (slots split over all 8): stage 1 measured 115 GB at the colocated peak (limit 120). 224 slots, 3.5x
-# today's 64, for 512 episodes a step; the 32 long slots take the rare episode that runs past 16k.
+# the previous 64, for 512 episodes a step; the 32 long slots take the rare episode that runs past 16k.
 SLOT_CLASSES = ((192, 16384), (32, 49152))
 # With long_context entries (a quarter of the prompts, ground truths up to ~42k): a middle class for the long ones
-# that stay under 32k and as many 49,152-token slots; 4.2M tokens, 77 GB per H200; 160 slots.
+# that stay under 32k and as many 49,152-token slots; 4.2M tokens, 77 GB per H200; 160 slots (stage2 105.3 GB,
+# paper_stage3 107.3 GB at the peak). No class of exactly 16 slots: its 16-row extend took a 78 GiB temporary.
 LONG_CONTEXT_SLOT_CLASSES = ((96, 16384), (32, 32768), (32, 49152))
 DECODE_SLOTS = sum(slots for slots, _ in SLOT_CLASSES)
 
