@@ -31,8 +31,19 @@ EPOCHS_PER_STAGE = 20  # [EnvTuning] trainer.total_epochs per stage
 # below the model's 262k; EnvTuning's max_model_len 32,768 would cut 17 held-out ground truths short.
 CONTEXT_TOKENS = 49152
 # KV cache bytes per token of Qwen3-4B in bf16: 2 (K, V) x 36 layers x 8 kv heads x 128 x 2 bytes = 147,456.
-# 64 slots x 49,152 tokens = 464 GB, 58 GB per H200 when the slots are split over all 8 devices.
-DECODE_SLOTS = 64
+# Slot classes by context length [ours] (rollout/slot_classes.py; `python scripts/fit_check.py --config=PRESET
+# --target=h200`, BENCHMARKS.md): one class of 64 x 49,152-token slots reserved the longest context for every
+# episode (464 GB). base / miss_* episodes stay short (prompts 3.1k-4.9k tokens, ground truths <= 5.7k), so most
+# slots hold 16,384 tokens (a prompt and a whole 10k-token reply) and a few the whole episode cap; an episode that
+# outgrows its slot is moved (its cache copied) into a larger one. 192 x 16,384 + 32 x 49,152 = 4.7M tokens, 87 GB
+# per H200 (slots split over all 8): stage 1 measured 115 GB at the colocated peak (limit 120). 224 slots, 3.5x
+# the previous 64, for 512 episodes a step; the 32 long slots take the rare episode that runs past 16k.
+SLOT_CLASSES = ((192, 16384), (32, 49152))
+# With long_context entries (a quarter of the prompts, ground truths up to ~42k): a middle class for the long ones
+# that stay under 32k and as many 49,152-token slots; 4.2M tokens, 77 GB per H200; 160 slots (stage2 105.3 GB,
+# paper_stage3 107.3 GB at the peak). No class of exactly 16 slots: its 16-row extend took a 78 GiB temporary.
+LONG_CONTEXT_SLOT_CLASSES = ((96, 16384), (32, 32768), (32, 49152))
+DECODE_SLOTS = sum(slots for slots, _ in SLOT_CLASSES)
 
 
 def steps_for_epochs(num_entries: int, prompts_per_step: int, epochs: int = EPOCHS_PER_STAGE) -> int:
@@ -87,7 +98,7 @@ def recipe() -> ml_collections.ConfigDict:
         temperature=1.0,  # [T3RL script] --rollout-temperature 1.0
         top_p=1.0,  # [slime] --rollout-top-p 1.0 (T3RL sets none)
         top_k=0,  # [slime] --rollout-top-k -1: no truncation (0 = off here)
-        max_concurrent_decodes=DECODE_SLOTS,  # [ours] sized by the KV cache (see DECODE_SLOTS); SGLang pages it
+        max_concurrent_decodes=DECODE_SLOTS,  # [ours] the slot classes' total (see SLOT_CLASSES); SGLang pages it
         # Initial BFCL prompts (tool docs + first question) are 3.1k-4.9k tokens.
         max_prefill_length=8192,  # [EnvTuning] max_prompt_length 8192
         max_response_tokens=10000,  # [T3RL script] --rollout-max-response-len 10000: new tokens per model call
@@ -97,6 +108,10 @@ def recipe() -> ml_collections.ConfigDict:
         # [ours] padded prompt tokens prefilled per engine call when several episodes start or resume together (bounds
         # prefill activation memory; a GRPO group's identical prompts count once).
         prefill_tokens_per_call=8192,
+        # [ours] ((slots, context_tokens), ...) (see SLOT_CLASSES): an episode starts in the smallest class with a free
+        # slot and moves up when it outgrows its slot; max_concurrent_decodes must be the classes' total. () = one
+        # class of max_concurrent_decodes x max_context_tokens.
+        slot_classes=SLOT_CLASSES,
     )
     c.prompt = dict(style="t3rl")  # [T3RL code] its system prompt and bfcl-eval's convert_to_tool tool docs
     c.env = dict(
@@ -218,6 +233,9 @@ def paper_stage(number: int) -> ml_collections.ConfigDict:
 
 
 def with_long_context(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """All four categories: long_context observations are long, so split rows over 4 GPUs (CP=4)."""
+    """All four categories: long_context observations are long, so split rows over 4 GPUs (CP=4), and more slots
+    of long contexts (see LONG_CONTEXT_SLOT_CLASSES)."""
     c.mesh.sequence = 4  # [ours] CP=4 for T3RL stage 2 and the long_context stages (rows up to 48k tokens)
+    c.rollout.slot_classes = LONG_CONTEXT_SLOT_CLASSES  # [ours] sized by the H200 fit check
+    c.rollout.max_concurrent_decodes = sum(slots for slots, _ in LONG_CONTEXT_SLOT_CLASSES)  # [ours] the classes' total
     return c

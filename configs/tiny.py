@@ -31,6 +31,7 @@ def get_config():
     c.rollout.update(
         samples_per_prompt=4, max_concurrent_decodes=8, max_prefill_length=4096, max_response_tokens=128,
         max_context_tokens=4608, max_steps_per_turn=2, max_model_calls=10, prefill_tokens_per_call=8192,
+        slot_classes=(),  # one class of 8 x 4,608-token slots
     )
     c.env.update(augment=False, num_workers=2, step_timeout_s=60.0)  # generous: CI machines are shared
     # Every group trains (a filtered step with no varied group would skip its update in this short run).

@@ -2,24 +2,26 @@
 
     python scripts/fit_check.py --config=stage1 --target=h200     # 8 H200s, the GPU compiler (no GPU needed)
     python scripts/fit_check.py --config=stage1 --target=v5p      # a v5p 8-chip slice, libtpu's compiler
-    python scripts/fit_check.py --config=stage1 --target=v5p --config.rollout.max_concurrent_decodes=64
+    python scripts/fit_check.py --config=stage1 --target=v5p "--config.rollout.slot_classes=((96, 16384), (32, 49152))" \
+        --config.rollout.max_concurrent_decodes=128
     python scripts/fit_check.py --config=stage2                   # fake CPU devices (no accelerator plugins)
 
 Builds the config's model, mesh, shardings, optimizer and rollout engine exactly as the run does, with abstract
 `jax.ShapeDtypeStruct` inputs (nothing is allocated), on compile-only devices of `--target` (`t3rl_jax/accel`;
 default devices: the config's mesh, one node / slice when an axis is -1) or on `--devices` fake CPU devices. Then
 compiles: the micro-batch gradient (first and accumulating), the optimizer update, the old/reference log-prob
-pass, the decode-state allocation, the multi-slot prefill at its largest buckets over the whole cache, and the
-decode loop, and prints each one's per-device argument / output / alias / temp bytes and what it adds to the
+pass, and per slot class (`rollout.slot_classes`, functions named `<function>@<slots>x<cache length>`) the
+decode-state allocation, the multi-slot prefill at its largest buckets over the whole cache and the decode loop, and
+prints each one's per-device argument / output / alias / temp bytes and what it adds to the
 resident state while it runs (`transient` = arguments + outputs - aliases + temps - the resident state it reads).
 
 Colocated peak per device = the resident state (params, optimizer state, reference params when KL is on, the
-decode state) + the largest transient of any one function. XLA:CPU keeps some remat saves in f32, which the GPU
-compiler does not: use an accelerator target for real numbers. Last line: `peak_per_device_bytes=<int>`. Exit
-status 1 when the peak passes the target's limit (`--limit_gb`; h200: 120 GB, leaving ~20 GB of the 141 GB for
-autotuning, cuDNN workspaces and fragmentation that a deviceless compile cannot see) or a function does not compile
-for the target (a TPU refuses a program over its HBM); 2 when the target cannot be set up (plugin missing or of
-another jax version, unreadable GPU spec).
+decode state of every slot class) + the largest transient of any one function. XLA:CPU keeps some remat saves in
+f32, which the GPU compiler does not: use an accelerator target for real numbers. Last line:
+`peak_per_device_bytes=<int>`. Exit status 1 when the peak passes the target's limit (`--limit_gb`; h200: 120 GB,
+leaving ~20 GB of the 141 GB for autotuning, cuDNN workspaces and fragmentation that a deviceless compile cannot
+see) or a function does not compile for the target (a TPU refuses a program over its HBM); 2 when the target
+cannot be set up (plugin missing or of another jax version, unreadable GPU spec).
 """
 
 from __future__ import annotations
@@ -101,12 +103,15 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:9.2f}"
 
 
-HEADER = (f"{'function':>18} {'args GiB':>9} {'out GiB':>9} {'alias GiB':>9} {'temp GiB':>9} {'transient':>9} "
+NAME_WIDTH = 26  # "extend_16x512@112x16384": a function of one slot class
+
+HEADER = (f"{'function':>{NAME_WIDTH}} {'args GiB':>9} {'out GiB':>9} {'alias GiB':>9} {'temp GiB':>9} "
+          f"{'transient':>9} "
           f"{'compile s':>9}")
 
 
 def _row(r) -> str:
-    return (f"{r.name:>18} {_gib(r.argument_bytes)} {_gib(r.output_bytes)} {_gib(r.alias_bytes)} "
+    return (f"{r.name:>{NAME_WIDTH}} {_gib(r.argument_bytes)} {_gib(r.output_bytes)} {_gib(r.alias_bytes)} "
             f"{_gib(r.temp_bytes)} {_gib(r.transient_bytes)} {r.compile_s:9.1f}")
 
 
@@ -125,6 +130,7 @@ def main(argv=None) -> int:
     accel = args.target != "cpu"
     force_host_devices(args.devices or 8)
     from t3rl_jax.config import config_from_argv
+    from t3rl_jax.rollout.factory import slot_classes_of
 
     cfg, rest = config_from_argv(config_args)
     if rest:
@@ -155,19 +161,19 @@ def main(argv=None) -> int:
     kind = devices[0].device_kind if devices else "cpu"
     print(f"config: {cfg.stage}  target: {args.target} ({kind}) x {setup.mesh.size}  mesh: {dict(setup.mesh.shape)}"
           f"  model: {model_cfg.num_layers} layers, {model_cfg.num_params:,} params  micro-batch: "
-          f"{setup.rows_per_micro} x {cfg.train.max_seq_len} tokens  decode: {cfg.rollout.max_concurrent_decodes} "
-          f"slots x {cfg.rollout.max_context_tokens}")
+          f"{setup.rows_per_micro} x {cfg.train.max_seq_len} tokens  decode slots: "
+          + " + ".join(f"{s} x {n:,}" for s, n in slot_classes_of(cfg.rollout)) + " tokens")
     for note in run.notes:
         print(f"note: {note}")
     for name, n in run.resident.items():
-        print(f"{'resident ' + name:>28}: {_gib(n)} GiB  ({n:,})")
+        print(f"{'resident ' + name:>{NAME_WIDTH + 10}}: {_gib(n)} GiB  ({n:,})")
     resident = sum(run.resident.values())
     largest = m["largest"]
-    print(f"{'resident total':>28}: {_gib(resident)} GiB")
+    print(f"{'resident total':>{NAME_WIDTH + 10}}: {_gib(resident)} GiB")
     if largest is not None:
-        print(f"{'largest transient':>28}: {_gib(largest.transient_bytes)} GiB  ({largest.name})")
+        print(f"{'largest transient':>{NAME_WIDTH + 10}}: {_gib(largest.transient_bytes)} GiB  ({largest.name})")
     peak = m["peak"]
-    print(f"{'colocated peak per device':>28}: {_gib(peak)} GiB  ({peak / 1e9:.1f} GB)"
+    print(f"{'colocated peak per device':>{NAME_WIDTH + 10}}: {_gib(peak)} GiB  ({peak / 1e9:.1f} GB)"
           + (f"  limit {limit / 2**30:.2f} GiB ({limit / 1e9:.1f} GB)" if limit else ""))
     status = 0
     for failure in m["failures"]:

@@ -40,6 +40,8 @@ __all__ = [
 PRESETS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 # Fields whose value may be None; ml_collections cannot tell their type from a None value.
 NULLABLE = {"model.vocab_size": int}
+# Item types of sequence fields whose default may be empty (nothing to read the type from).
+ITEM_TYPES = {"rollout.slot_classes": tuple}
 EXPORT_SUBDIR = "hf_export"
 _PRESET_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -153,7 +155,9 @@ def _coerce(key: str, value: Any, expected: type, current: Any) -> Any:
     if expected in (tuple, list):
         if not isinstance(value, (tuple, list)):
             raise ConfigError(f"config key {key!r}: expected a sequence, got {value!r}")
-        item_type = type(current[0]) if current else str
+        item_type = ITEM_TYPES.get(key) or (type(current[0]) if current else str)
+        if item_type is tuple:  # nested pairs typed as lists, e.g. [[112, 16384], [16, 49152]]
+            value = [tuple(item) if isinstance(item, list) else item for item in value]
         bad = [item for item in value if not isinstance(item, item_type)]
         if bad:
             raise ConfigError(f"config key {key!r}: items must be {item_type.__name__}, got {bad[0]!r}")

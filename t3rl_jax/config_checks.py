@@ -28,7 +28,7 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
     "data": ("train_file", "val_file", "splits_dir", "prompts_per_step", "shuffle", "max_entries", "categories"),
     "rollout": ("samples_per_prompt", "temperature", "top_p", "top_k", "max_concurrent_decodes",
                 "max_prefill_length", "max_response_tokens", "max_context_tokens", "max_steps_per_turn",
-                "max_model_calls", "prefill_tokens_per_call"),
+                "max_model_calls", "prefill_tokens_per_call", "slot_classes"),
     "prompt": ("style",),
     "env": ("augment", "num_workers", "step_timeout_s", "reward"),
     "prompt": ("style",),
@@ -131,6 +131,28 @@ def _require(ok: bool, key: str, message: str, cfg) -> None:
         raise ConfigError(f"{key}: {message} (got {_get(cfg, key)!r})")
 
 
+def _check_slot_classes(cfg) -> None:
+    """rollout.slot_classes: (slots, context_tokens) pairs, context lengths increasing, the largest holding a whole
+    episode, as many slots in all as rollout.max_concurrent_decodes (rollout/slot_classes.py)."""
+    r, key = cfg.rollout, "rollout.slot_classes"
+    classes = tuple(r.slot_classes)
+    pairs = all(isinstance(c, (tuple, list)) and len(c) == 2 and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in c) for c in classes)
+    _require(pairs, key, "must be (slots, context_tokens) pairs of ints, e.g. ((112, 16384), (16, 49152))", cfg)
+    bad = [tuple(c) for c in classes if c[0] < 1 or c[1] < 16]
+    _require(not bad, key, f"every class needs slots >= 1 and context_tokens >= 16; {bad[0] if bad else ''} has "
+             "not", cfg)
+    lengths = [c[1] for c in classes]
+    _require(lengths == sorted(set(lengths)), key, f"context_tokens must increase from class to class: {lengths}",
+             cfg)
+    _require(lengths[-1] >= r.max_context_tokens, key,
+             f"the largest class holds {lengths[-1]} tokens < rollout.max_context_tokens={r.max_context_tokens} "
+             "(every episode needs a slot that can hold it whole)", cfg)
+    total = sum(c[0] for c in classes)
+    _require(r.max_concurrent_decodes == total, "rollout.max_concurrent_decodes",
+             f"must equal the slots of rollout.slot_classes={tuple(tuple(c) for c in classes)}: {total}", cfg)
+
+
 def validate(cfg, *, known_presets: Sequence[str] | None = None) -> None:
     """Raise ConfigError naming the first key that breaks the contract."""
     _check_keys(cfg)
@@ -180,6 +202,8 @@ def validate(cfg, *, known_presets: Sequence[str] | None = None) -> None:
              "rollout.max_prefill_length", "must be a multiple of 16 in [16, 32768]", cfg)
     _require(r.max_context_tokens >= r.max_response_tokens, "rollout.max_context_tokens",
              f"must be >= max_response_tokens={r.max_response_tokens}", cfg)
+    if r.slot_classes:
+        _check_slot_classes(cfg)
     # An episode longer than train.max_seq_len trains on its first part (batching.pack cuts and counts it).
 
     a = cfg.algo

@@ -15,15 +15,15 @@ from t3rl_jax.rollout import engine_analysis
 
 
 def build_run(cfg, devices=None):
-    """(setup, make_engine): the run's mesh, model bundle, optimizer and shardings, and its engine factory
-    (params -> Qwen3Engine), as the training loop builds them."""
+    """(setup, make_engine): the run's mesh, model bundle, optimizer and shardings, and its rollout backend factory
+    (params -> `Qwen3Engine` or `SlotClassBackend`, `rollout.factory.backend_for_run`, as the training loop's)."""
     import functools
 
-    from t3rl_jax.run.loop import make_engine
+    from t3rl_jax.rollout.factory import backend_for_run
     from t3rl_jax.run.setup import build_setup
 
     setup = build_setup(cfg, devices=devices)
-    return setup, functools.partial(make_engine, setup)
+    return setup, functools.partial(backend_for_run, setup)
 
 
 @dataclasses.dataclass
@@ -111,7 +111,9 @@ def run_functions(cfg, devices=None) -> RunFunctions:
     engine = step.make_engine(params)
     targets = engine_analysis.compile_targets(engine, params,
                                               prefill_tokens_per_call=cfg.rollout.prefill_tokens_per_call)
-    resident["decode_state"] = tree_bytes_per_device(targets["decode_loop"][1][1])
+    # Every slot class's decode state stays resident side by side.
+    for name, state in engine_analysis.decode_states(targets).items():
+        resident[name] = tree_bytes_per_device(state)
     for name, (jitted, args, kwargs, resident_args) in targets.items():
         fns.append(Compilable(name, jitted, args, kwargs, resident_args))
     return RunFunctions(step, fns, resident, notes)

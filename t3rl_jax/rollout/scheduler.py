@@ -12,6 +12,12 @@ answers to their episodes in slot order. Which slots share a call therefore depe
 environment's answers, never on when an answer arrived; the engine draws each token from (episode seed, position).
 An answer later than `limits.env_wait_s` (a hung worker) stops holding the others back: it is taken at the first
 tick after it arrives and counted in `rollout/env_late_replies`, the one case where timing can change the batching.
+
+Slot classes (a backend whose `slot_classes` has several (slots, cache length) entries, `slot_classes.py`): a new
+episode takes the smallest class with a free slot (`slot_pool.SlotPool`); an episode whose history would outgrow its
+slot (before a prefill that does not fit, or when decoding fills the slot mid-reply) moves to the smallest larger
+class with a free slot, its cache copied there, and its reply goes on exactly where it stopped (tokens are drawn
+from (episode seed, position)). Until such a slot is free it waits (`rollout/migration_wait_ticks`).
 """
 
 from __future__ import annotations
@@ -19,65 +25,19 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import dataclasses
-import heapq
 import time
 from collections.abc import Callable
-
 
 import numpy as np
 
 from t3rl_jax import profiling
 from t3rl_jax.rollout.extend_batch import ExtendRequest
 from t3rl_jax.rollout.protocol import EpisodeProtocol, EpisodeRequest, RolloutLimits
+from t3rl_jax.rollout.rollout_metrics import RolloutMetrics
+from t3rl_jax.rollout.slot_pool import SlotPool, fits
 from t3rl_jax.rollout.trajectory import Trajectory
 
 MAX_PREFILL_ROWS = 16  # slots per prefill call: each power-of-two row count is one more compiled variant
-
-
-@dataclasses.dataclass
-class RolloutMetrics:
-    episodes: int = 0
-    prefill_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_tokens: int = 0
-    decode_seconds: float = 0.0
-    decode_slot_steps: int = 0
-    decode_active_slot_steps: int = 0
-    env_requests: int = 0
-    env_seconds: float = 0.0   # host time blocked on environment answers
-    env_late_replies: int = 0
-    env_failed: int = 0
-    replies: int = 0
-    replies_with_text: int = 0
-    truncated_replies: int = 0
-    wall_seconds: float = 0.0
-    episode_seconds: list = dataclasses.field(default_factory=list)
-
-    def count_episode(self, traj: Trajectory, seconds: float) -> None:
-        self.episodes += 1
-        self.episode_seconds.append(seconds)
-        self.env_failed += traj.termination == "env_failed"
-        self.replies += traj.num_model_calls
-        self.replies_with_text += traj.num_replies_with_text
-        self.truncated_replies += traj.num_truncated_replies
-
-    def summary(self) -> dict[str, float]:
-        def rate(n, s):
-            return n / s if s > 0 else 0.0
-
-        return {
-            "rollout/episodes": self.episodes,
-            "rollout/prefill_tokens_per_s": rate(self.prefill_tokens, self.prefill_seconds),
-            "rollout/decode_tokens_per_s": rate(self.decode_tokens, self.decode_seconds),
-            "rollout/slot_occupancy": rate(self.decode_active_slot_steps, self.decode_slot_steps),
-            "rollout/env_wait_ms": 1000 * rate(self.env_seconds, self.env_requests),
-            "rollout/env_late_replies": self.env_late_replies,
-            "rollout/env_failed": self.env_failed,
-            "rollout/replies_with_surrounding_text": rate(self.replies_with_text, self.replies),
-            "rollout/truncated_replies": self.truncated_replies,
-            "rollout/episode_latency_s": float(np.mean(self.episode_seconds)) if self.episode_seconds else 0.0,
-            "rollout/wall_s": self.wall_seconds,
-        }
 
 
 @dataclasses.dataclass
@@ -91,6 +51,20 @@ class _Slot:
     decoding: bool = False
     tokens: list = dataclasses.field(default_factory=list)    # the reply being generated
     logprobs: list = dataclasses.field(default_factory=list)
+    planned: bool = False        # `limit` and `forced` are set for the reply asked for
+    limit: int = 0               # cache length at which the reply stops (the episode's `reply_limit`)
+    forced: list | None = None   # the scripted reply (teacher forcing), or None
+
+    def history(self) -> int:
+        """Tokens the slot must hold to go on with the reply: the trajectory and the reply's tokens so far (a
+        reply cut by a full slot: all but the last are cached, the last is fed next) or all of a scripted reply
+        but its last token."""
+        forced = len(self.forced) - 1 if self.forced else 0
+        return self.episode.traj.length + forced + len(self.tokens)
+
+
+def _backend_classes(engine) -> tuple[tuple[int, int], ...]:
+    return tuple(getattr(engine, "slot_classes", ((engine.max_concurrent_decodes, engine.max_cache_length),)))
 
 
 def check_context_fits(limits: RolloutLimits, engine) -> None:
@@ -115,8 +89,7 @@ class SlotScheduler:
             start: Callable[[EpisodeRequest], EpisodeProtocol]) -> list[Trajectory]:
         """Run every request's episode to its end (`start` opens one); trajectories in request order."""
         queue = collections.deque(enumerate(requests))
-        free = list(range(self.engine.max_concurrent_decodes))
-        heapq.heapify(free)
+        pool = SlotPool(_backend_classes(self.engine))
         slots: dict[int, _Slot] = {}
         releasing: list[_Slot] = []          # released their slot, result still on the way
         issued: dict[int, tuple[cf.Future, int]] = {}  # id(episode) -> (its pending request, tick issued)
@@ -124,17 +97,21 @@ class SlotScheduler:
         state = self.engine.init_decode_state()
         tick = 0
         while queue or slots or releasing:
-            while queue and free:
+            state = self._move_outgrown(state, pool, slots)  # before new episodes: they must not take the slots
+            while queue:
+                slot = pool.take_new()
+                if slot is None:
+                    break
                 index, request = queue.popleft()
-                slot = heapq.heappop(free)
                 slots[slot] = _Slot(index, start(request), time.perf_counter())
             self._stamp(slots.values(), issued, tick - 1)  # opened this tick: their start overlaps this tick
-            ready = [(s, r) for s, r in sorted(slots.items()) if r.episode.wants_reply and not r.decoding]
+            ready = [(s, r) for s, r in sorted(slots.items()) if self._ready(r) and fits(
+                pool.capacity(s), r.history(), r.limit)]
             if ready:
-                state = self._feed(params, state, ready)
+                state = self._feed(params, state, ready, pool)
             decoding = [(s, r) for s, r in sorted(slots.items()) if r.decoding]
             if decoding:
-                state = self._decode(params, state, decoding)
+                state = self._decode(params, state, decoding, pool)
             self._stamp(slots.values(), issued, tick)
             self._answer([r for _, r in sorted(slots.items())] + releasing, issued, tick,
                          idle=not ready and not decoding)
@@ -142,7 +119,7 @@ class SlotScheduler:
                 if run.episode.released:
                     state = self.engine.finish_slot(state, slot, 0)
                     del slots[slot]
-                    heapq.heappush(free, slot)
+                    pool.release(slot)
                     releasing.append(run)
             for run in [r for r in releasing if r.episode.finished]:
                 releasing.remove(run)
@@ -151,6 +128,38 @@ class SlotScheduler:
                 self.metrics.count_episode(run.episode.traj, time.perf_counter() - run.started_at)
             tick += 1
         return out
+
+    # ------------------------------------------------------------------ slot classes
+    @staticmethod
+    def _ready(run: _Slot) -> bool:
+        """The run wants its history prefilled and a reply (or the rest of one) sampled; plans the reply once."""
+        if not run.episode.wants_reply or run.decoding:
+            return False
+        if not run.planned:
+            run.forced = run.episode.forced_reply()
+            run.limit = (run.episode.traj.length + len(run.forced) - 1 if run.forced is not None
+                         else run.episode.reply_limit())
+            run.planned = True
+        return True
+
+    def _move_outgrown(self, state, pool: SlotPool, slots: dict[int, _Slot]):
+        """Move every episode whose slot cannot hold its history (before its next prefill, or a reply cut by the
+        full slot) to the smallest class that can, lowest slot first: its cache is copied there
+        (`SlotClassBackend.move_slot`) and a cut reply goes on decoding."""
+        for slot, run in sorted(slots.items()):
+            if not self._ready(run) or fits(pool.capacity(slot), run.history(), run.limit):
+                continue
+            target = pool.take_fitting(run.history(), run.limit)
+            if target is None:
+                self.metrics.migration_wait_ticks += 1
+                continue
+            state = self.engine.move_slot(state, slot, target, limit=run.limit, decoding=bool(run.tokens))
+            pool.release(slot)
+            del slots[slot]
+            slots[target] = run
+            run.decoding = bool(run.tokens)
+            self.metrics.migrations += 1
+        return state
 
     # ------------------------------------------------------------------ environment side
     @staticmethod
@@ -190,10 +199,10 @@ class SlotScheduler:
                 issued[id(run.episode)] = (pending, tick)
 
     # ------------------------------------------------------------------ engine side
-    def _feed(self, params, state, ready: list[tuple[int, _Slot]]):
+    def _feed(self, params, state, ready: list[tuple[int, _Slot]], pool: SlotPool):
         """Prefill every ready slot's new tokens, batched: episodes that start together share calls (and a GRPO
         group's identical prompts one computed row); tails longer than a prefill chunk go in rounds."""
-        tails, forced, limits = {}, {}, {}
+        tails = {}
         for slot, run in ready:
             episode = run.episode
             keep = episode.take_rewind()
@@ -201,24 +210,20 @@ class SlotScheduler:
                 state = self.engine.finish_slot(state, slot, keep)
                 run.cached = keep
             tail = episode.traj.token_ids[run.cached:]
-            limits[slot] = episode.reply_limit()
-            reply = episode.forced_reply()
-            if reply is not None:
-                forced[slot] = reply
-                tail = tail + reply[:-1]  # cached like sampled tokens: all but the last, never fed
-                limits[slot] = run.cached + len(tail)  # the slot stops right after this prefill: nothing to decode
+            if run.forced is not None:
+                tail = tail + run.forced[:-1]  # cached like sampled tokens: all but the last, never fed
             tails[slot] = tail
         chunk = self.engine.max_prefill_length
         sampled = {}
         t0 = time.perf_counter()
         for offset in range(0, max(len(t) for t in tails.values()), chunk):
             requests = [ExtendRequest(slot, tails[slot][offset:offset + chunk], reset=run.cached == 0 and offset == 0,
-                                      seed=run.episode.request.seed, limit=limits[slot], sampling=self.sampling)
+                                      seed=run.episode.request.seed, limit=run.limit, sampling=self.sampling)
                         for slot, run in ready if len(tails[slot]) > offset]
             cached = {slot: run.cached for slot, run in ready}
-            for batch in self._prefill_batches(requests):
+            for batch in self._prefill_batches(requests, pool.capacity):
                 # Each slot's cache holds exactly its `cached` trajectory tokens before this feed.
-                bound = max(cached[r.slot] + offset + len(r.tokens) for r in batch)
+                bound = {r.slot: cached[r.slot] + offset + len(r.tokens) for r in batch}
                 with profiling.scope("prefill"):
                     state, tokens, logprobs, _ = self.engine.extend_slots(params, state, batch, context_bound=bound)
                     tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
@@ -227,42 +232,42 @@ class SlotScheduler:
         self.metrics.prefill_seconds += time.perf_counter() - t0
         self.metrics.prefill_tokens += sum(len(t) for t in tails.values())
         for slot, run in ready:
-            if slot in forced:
-                self._reply_done(run, forced[slot], [0.0] * len(forced[slot]))
+            if run.forced is not None:
+                self._reply_done(run, run.forced, [0.0] * len(run.forced))
                 continue
             run.cached = run.episode.traj.length
             token, logprob = sampled[slot]
-            if token in self.stop_ids or run.cached >= limits[slot]:
-                self._reply_done(run, [token], [logprob])
-            else:
-                run.tokens, run.logprobs, run.decoding = [token], [logprob], True
+            run.tokens.append(token)
+            run.logprobs.append(logprob)
+            run.decoding = True
+            self._check_stop(run)
         return state
 
-    def _prefill_batches(self, requests: list[ExtendRequest]):
+    def _prefill_batches(self, requests: list[ExtendRequest], capacity: Callable[[int], int] | None = None):
         """Split requests into engine calls computing at most `prefill_tokens_per_call` padded tokens each (what
         bounds prefill activation memory) and holding at most MAX_PREFILL_ROWS slots; a request over the budget
-        goes alone."""
+        goes alone. With `capacity` (slot -> its class's cache length) a call holds slots of one class."""
         budget = self.limits.prefill_tokens_per_call
         batch: list[ExtendRequest] = []
         for request in requests:
-            if batch and (len(batch) == MAX_PREFILL_ROWS or self.engine.prefill_cost(batch + [request]) > budget):
+            if batch and (len(batch) == MAX_PREFILL_ROWS or self.engine.prefill_cost(batch + [request]) > budget
+                          or (capacity is not None and capacity(batch[0].slot) != capacity(request.slot))):
                 yield batch
                 batch = []
             batch.append(request)
         if batch:
             yield batch
 
-    def _decode(self, params, state, decoding: list[tuple[int, _Slot]]):
+    def _decode(self, params, state, decoding: list[tuple[int, _Slot]], pool: SlotPool):
         t0 = time.perf_counter()
         steps = self.limits.decode_steps_per_call
         with profiling.scope("decode"):
             # Cache length of a decoding slot: its cached trajectory plus the sampled tokens fed so far.
-            bound = max(run.cached + len(run.tokens) - 1 for _, run in decoding) + steps
+            bound = {slot: run.cached + len(run.tokens) - 1 + steps for slot, run in decoding}
             state, tokens, logprobs, valid, _ = self.engine.generate_steps(params, state, steps, context_bound=bound)
             tokens, logprobs, valid = np.asarray(tokens), np.asarray(logprobs), np.asarray(valid)
         self.metrics.decode_seconds += time.perf_counter() - t0
-        self.metrics.decode_slot_steps += valid.size
-        self.metrics.decode_active_slot_steps += int(valid.sum())
+        self.metrics.count_decode(valid, pool.classes)
         for slot, run in decoding:
             column = valid[:, slot]
             n = int(column.sum())  # valid steps form a prefix: a slot never restarts inside one call
@@ -270,13 +275,21 @@ class SlotScheduler:
             run.logprobs.extend(logprobs[:n, slot].tolist())
             self.metrics.decode_tokens += n
             if n < len(column):
-                self._reply_done(run, run.tokens, run.logprobs)
+                self._check_stop(run, stopped=True)
         return state
+
+    def _check_stop(self, run: _Slot, *, stopped: bool = False) -> None:
+        """After new tokens: the reply is done at a stop id or its limit. A slot that stopped short of both (its
+        cache is full: `stopped`, or a prefill that filled it) keeps the reply and moves (`_move_outgrown`)."""
+        if run.tokens[-1] in self.stop_ids or run.cached + len(run.tokens) - 1 >= run.limit:
+            self._reply_done(run, run.tokens, run.logprobs)
+        elif stopped:
+            run.decoding = False
 
     @staticmethod
     def _reply_done(run: _Slot, tokens: list[int], logprobs: list[float]) -> None:
         """The slot stopped (stop token or limit); its cache holds every reply token but the last, never fed."""
-        run.decoding = False
-        run.tokens, run.logprobs = [], []
+        run.decoding = run.planned = False
         run.cached = run.episode.traj.length + len(tokens) - 1
+        run.tokens, run.logprobs, run.forced = [], [], None
         run.episode.on_reply(tokens, logprobs)

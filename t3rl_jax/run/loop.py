@@ -29,7 +29,8 @@ from t3rl_jax.rl import batch_builder, experience
 from t3rl_jax.rl.learner import Learner
 from t3rl_jax.rl.train_step import GRPOStep
 from t3rl_jax.rollout.driver import RolloutDriver, RolloutLimits
-from t3rl_jax.rollout.engine import Qwen3Engine, SamplingSettings
+from t3rl_jax.rollout.engine import Qwen3Engine
+from t3rl_jax.rollout.factory import backend_for_run
 from t3rl_jax.run import artifacts, hooks as hooks_lib
 from t3rl_jax.run import state as state_lib
 from t3rl_jax.run.setup import RunSetup
@@ -56,13 +57,10 @@ def open_env_pool(cfg):
     return make_env_pool(cfg.env)
 
 
-def make_engine(setup: RunSetup, params) -> Qwen3Engine:
-    cfg, r = setup.cfg, setup.cfg.rollout
-    return Qwen3Engine(setup.bundle.rollout_model(params), tokenizer=setup.tokenizer,
-                       max_concurrent_decodes=r.max_concurrent_decodes, max_prefill_length=r.max_prefill_length,
-                       max_cache_length=r.max_context_tokens,
-                       sampling=SamplingSettings(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
-                       cache_dtype=jax.numpy.dtype(cfg.model.dtype), mesh=setup.mesh, seed=cfg.seed)
+def make_engine(setup: RunSetup, params):
+    """The rollout backend (one engine, or one per `rollout.slot_classes` class) built by the rollout factory, as
+    the fit check and the dry run build it."""
+    return backend_for_run(setup, params)
 
 
 def token_digest(trajs) -> float:
