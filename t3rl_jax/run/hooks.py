@@ -21,7 +21,7 @@ import jax
 from flax import nnx
 
 from t3rl_jax import data as data_lib
-from t3rl_jax import params_checkpoint, profiling
+from t3rl_jax import distributed, params_checkpoint, profiling
 from t3rl_jax.checkpointing import Checkpointer, SigtermFlag
 from t3rl_jax.metrics import MetricsLogger
 from t3rl_jax.eval import bfcl as bfcl_eval
@@ -122,7 +122,8 @@ class Validation(Hook):
         if not cfg.eval.every_steps or not (end.step % cfg.eval.every_steps == 0 or end.last):
             return
         with profiling.scope("eval"):
-            self.last = validate(cfg, engine=self.engine, pool=self.pool, chat=self.chat, params=end.state.params,
+            # The engine holds end.state.params already (on this host's devices when multi-host).
+            self.last = validate(cfg, engine=self.engine, pool=self.pool, chat=self.chat, params=None,
                                  entry_ids=self.entry_ids, step=end.step)
         end.metrics.update(self.last)
         best = end.state.best
@@ -150,6 +151,7 @@ class Validation(Hook):
             if os.path.exists(self.best_dir):
                 shutil.rmtree(self.best_dir)
             os.replace(tmp, self.best_dir)
+        distributed.barrier("best_params_kept")  # peers read WORKDIR/best (a plateau export) only once it is there
 
 
 class Sigterm(Hook):
@@ -157,7 +159,7 @@ class Sigterm(Hook):
         self.flag = SigtermFlag()
 
     def after_step(self, end: StepEnd) -> None:
-        if self.flag:
+        if distributed.any_process(bool(self.flag)):  # a SIGTERM on any host stops every host after this step
             end.stop = end.stop or "sigterm"
 
     def close(self) -> None:
