@@ -144,6 +144,7 @@ class Validation(Hook):
         tmp = self.best_dir + ".tmp"
         if jax.process_index() == 0 and os.path.exists(tmp):
             shutil.rmtree(tmp)
+        distributed.barrier("best_tmp_cleared")  # no peer starts writing into the old tmp before it is gone
         params_checkpoint.save_params(tmp, nnx.to_pure_dict(params), config=self.model_config, force=True)
         if jax.process_index() == 0:
             with open(os.path.join(tmp, "best_step"), "w") as f:
