@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from bfcl_eval.constants.default_prompts import MAXIMUM_STEP_LIMIT as BFCL_STEP_LIMIT
 
 from environments.bfcl import catalog, splits
+from t3rl_jax import distributed
 from t3rl_jax.chat_format import ChatEncoder
 from t3rl_jax.evaluation import category_of, score_trajectories
 from t3rl_jax.eval import bfcl_checker
@@ -183,7 +184,9 @@ def evaluate(*, engine, pool, chat: ChatEncoder, entry_ids: Sequence[str], limit
     check_entries_exist(entry_ids, source="evaluation entries")
     excluded = check_budget(entry_ids, chat, limits, prompt_style=prompt_style) if check_budget_first else {}
     driver = RolloutDriver(engine, pool, chat, limits=limits, sampling=sampling, script=script)
-    trajectories = driver.run(eval_requests(entry_ids, seed=seed, prompt_style=prompt_style), params)
+    # Multi-host: each process runs its share of the entries and every process scores all of them.
+    trajectories = distributed.run_shared(lambda mine: driver.run(mine, params),
+                                          eval_requests(entry_ids, seed=seed, prompt_style=prompt_style))
     scores = score_trajectories(trajectories)
     scores["entries/over_context"] = float(len(excluded))
     report = EvalReport(scores=scores, trajectories=trajectories, rollout=driver.metrics.summary())

@@ -10,6 +10,9 @@ Three policies live here and nowhere else:
 - dynamic sampling (T3RL's): with the zero-variance filter on, groups whose episodes all scored the same are
   dropped (their advantages would be 0), and with `algo.refill_groups` further prompt batches are rolled out until
   `data.prompts_per_step` groups have reward variance, at most `algo.max_refill_batches` extra batches.
+
+Multi-host, `rollout` runs this host's groups and returns every host's trajectories (`distributed.run_shared`), so
+each decision here (kept groups, refills, when to stop) is computed from the same episodes on every host.
 """
 
 from __future__ import annotations

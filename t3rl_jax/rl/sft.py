@@ -20,6 +20,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from t3rl_jax import data as data_lib
+from t3rl_jax import distributed
 from t3rl_jax.evaluation import category_of
 from t3rl_jax.rl import batching
 from t3rl_jax.rl.train_step import loss_slots, micro_batch, token_logprobs_and_entropy, vocab_parallel_for
@@ -60,7 +61,8 @@ def ground_truth_trajectories(cfg, entry_ids, *, engine, pool, chat, params):
     requests = [EpisodeRequest(e, group_id=i, augment=False, reward_kind="progress", category=category_of(e),
                                **style) for i, e in enumerate(entry_ids)]
     driver = RolloutDriver(engine, pool, chat, limits=limits, script=ground_truth_reply)
-    trajectories = driver.run(requests, params)
+    # Multi-host: each process replays its share of the entries; every process gets them all.
+    trajectories = distributed.run_shared(lambda mine: driver.run(mine, params), requests)
     bad = [(t.entry_id, t.termination, t.extras.get("progress"),
             t.extras.get("env_error") or t.extras.get("failure_reason")) for t in trajectories
            if t.termination != "completed" or t.extras.get("progress") != 1.0]
@@ -101,7 +103,8 @@ def warm_start(cfg, *, bundle, mesh, param_shardings, batch_sharding, params, en
     ws = cfg.warm_start
     t0 = time.perf_counter()
     entry_ids = warm_start_entries(cfg)
-    trajectories = ground_truth_trajectories(cfg, entry_ids, engine=engine, pool=pool, chat=chat, params=params)
+    # params=None: the engine's own, i.e. `params` (placed on this host's devices when multi-host)
+    trajectories = ground_truth_trajectories(cfg, entry_ids, engine=engine, pool=pool, chat=chat, params=None)
     rows_per_micro = cfg.train.micro_batch_size
     packed = batching.pack(trajectories, np.zeros(len(trajectories), np.float32), row_length=cfg.train.max_seq_len,
                            pad_rows_to_multiple=rows_per_micro)
@@ -113,7 +116,8 @@ def warm_start(cfg, *, bundle, mesh, param_shardings, batch_sharding, params, en
         arrays = load_balance_batch(arrays, cp)
     minis = micro_batch(arrays, arrays["tokens"].shape[0] // rows_per_micro)
     keys = ("tokens", "positions", "segment_ids", "targets", "loss_mask")
-    micro = [{k: jax.device_put(minis[k][i], batch_sharding) for k in keys} for i in range(minis["tokens"].shape[0])]
+    micro = [{k: distributed.global_array(batch_sharding, minis[k][i]) for k in keys}
+             for i in range(minis["tokens"].shape[0])]
     optimizer = optax.chain(optax.clip_by_global_norm(cfg.train.grad_clip), optax.adamw(ws.lr, weight_decay=0.0))
     opt_state = jax.jit(optimizer.init)(params)
     step = make_sft_step(bundle, optimizer, param_shardings=param_shardings, batch_sharding=batch_sharding,

@@ -29,9 +29,11 @@ def make_backend(model, rollout_cfg, *, tokenizer=None, cache_dtype=jnp.float32,
     return SlotClassBackend.build(model, classes, max_prefill_length=r.max_prefill_length, **common)
 
 
-def backend_for_run(setup, params):
-    """The backend `run.loop.make_engine` builds: the setup's rollout model over `params`, its tokenizer, mesh,
-    compute dtype for the cache and seed (`setup`: a `run.setup.RunSetup`)."""
+def backend_for_run(setup, params, *, mesh=None):
+    """The backend `run.loop.make_engine` builds: the setup's rollout model over `params`, its tokenizer, mesh
+    (`mesh`: another one, e.g. a host's local mesh), compute dtype for the cache and seed (`setup`: a
+    `run.setup.RunSetup`)."""
     cfg = setup.cfg
     return make_backend(setup.bundle.rollout_model(params), cfg.rollout, tokenizer=setup.tokenizer,
-                        cache_dtype=jnp.dtype(cfg.model.dtype), mesh=setup.mesh, seed=cfg.seed)
+                        cache_dtype=jnp.dtype(cfg.model.dtype), mesh=setup.mesh if mesh is None else mesh,
+                        seed=cfg.seed)

@@ -21,7 +21,7 @@ import jax
 from flax import nnx
 
 from t3rl_jax import data as data_lib
-from t3rl_jax import params_checkpoint, profiling
+from t3rl_jax import distributed, params_checkpoint, profiling
 from t3rl_jax.checkpointing import Checkpointer, SigtermFlag
 from t3rl_jax.metrics import MetricsLogger
 from t3rl_jax.eval import bfcl as bfcl_eval
@@ -122,7 +122,8 @@ class Validation(Hook):
         if not cfg.eval.every_steps or not (end.step % cfg.eval.every_steps == 0 or end.last):
             return
         with profiling.scope("eval"):
-            self.last = validate(cfg, engine=self.engine, pool=self.pool, chat=self.chat, params=end.state.params,
+            # The engine holds end.state.params already (on this host's devices when multi-host).
+            self.last = validate(cfg, engine=self.engine, pool=self.pool, chat=self.chat, params=None,
                                  entry_ids=self.entry_ids, step=end.step)
         end.metrics.update(self.last)
         best = end.state.best
@@ -143,6 +144,7 @@ class Validation(Hook):
         tmp = self.best_dir + ".tmp"
         if jax.process_index() == 0 and os.path.exists(tmp):
             shutil.rmtree(tmp)
+        distributed.barrier("best_tmp_cleared")  # no peer starts writing into the old tmp before it is gone
         params_checkpoint.save_params(tmp, nnx.to_pure_dict(params), config=self.model_config, force=True)
         if jax.process_index() == 0:
             with open(os.path.join(tmp, "best_step"), "w") as f:
@@ -150,6 +152,7 @@ class Validation(Hook):
             if os.path.exists(self.best_dir):
                 shutil.rmtree(self.best_dir)
             os.replace(tmp, self.best_dir)
+        distributed.barrier("best_params_kept")  # peers read WORKDIR/best (a plateau export) only once it is there
 
 
 class Sigterm(Hook):
@@ -157,7 +160,7 @@ class Sigterm(Hook):
         self.flag = SigtermFlag()
 
     def after_step(self, end: StepEnd) -> None:
-        if self.flag:
+        if distributed.any_process(bool(self.flag)):  # a SIGTERM on any host stops every host after this step
             end.stop = end.stop or "sigterm"
 
     def close(self) -> None:

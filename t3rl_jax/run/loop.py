@@ -20,7 +20,7 @@ from flax import nnx
 from environments.bfcl.splits import write_splits
 from t3rl_jax import data as data_lib
 from t3rl_jax import flops as flops_lib
-from t3rl_jax import model_factory, params_checkpoint, profiling
+from t3rl_jax import distributed, model_factory, params_checkpoint, profiling
 from t3rl_jax.checkpointing import Checkpointer
 from t3rl_jax.config import export_dir
 from t3rl_jax.envs.base import make_env_pool
@@ -28,10 +28,9 @@ from t3rl_jax.evaluation import score_trajectories
 from t3rl_jax.rl import batch_builder, experience
 from t3rl_jax.rl.learner import Learner
 from t3rl_jax.rl.train_step import GRPOStep
-from t3rl_jax.rollout.driver import RolloutDriver, RolloutLimits
-from t3rl_jax.rollout.engine import Qwen3Engine
+from t3rl_jax.rollout.driver import RolloutDriver, RolloutLimits, RolloutMetrics
 from t3rl_jax.rollout.factory import backend_for_run
-from t3rl_jax.run import artifacts, hooks as hooks_lib
+from t3rl_jax.run import artifacts, hooks as hooks_lib, multihost
 from t3rl_jax.run import state as state_lib
 from t3rl_jax.run.setup import RunSetup
 
@@ -58,9 +57,9 @@ def open_env_pool(cfg):
 
 
 def make_engine(setup: RunSetup, params):
-    """The rollout backend (one engine, or one per `rollout.slot_classes` class) built by the rollout factory, as
-    the fit check and the dry run build it."""
-    return backend_for_run(setup, params)
+    """The rollout backend on this process's devices (one engine, or one per `rollout.slot_classes` class; the
+    whole mesh on one process), built by the rollout factory as the fit check and the dry run build it."""
+    return backend_for_run(setup, params, mesh=setup.local_mesh)
 
 
 def token_digest(trajs) -> float:
@@ -127,14 +126,14 @@ def warm_start(setup: RunSetup, params, *, engine, pool):
                           chat=setup.chat)
 
 
-def dump_hlo(workdir: str, step_fn: GRPOStep, engine: Qwen3Engine, params, minis: dict) -> bool:
+def dump_hlo(workdir: str, step_fn: GRPOStep, engine, params, minis: dict) -> bool:
     """Optimised HLO of the gradient step and of the decode step, into WORKDIR/hlo/ (`dump_hlo=True`)."""
     out = os.path.join(workdir, "hlo")
     first = {k: v[0] for k, v in minis.items()}
     grad_fn = step_fn.functions_for(step_fn.slots_for(minis))[1]
     profiling.dump_hlo(grad_fn, params, first, first["rollout_logprobs"], first["rollout_logprobs"],
                        np.float32(1.0), path=os.path.join(out, "train_grad.hlo.txt"))
-    profiling.dump_hlo(engine.generate_function, params, engine.init_decode_state(),
+    profiling.dump_hlo(engine.generate_function, engine.params, engine.init_decode_state(),
                        num_steps=RolloutLimits.decode_steps_per_call, path=os.path.join(out, "decode.hlo.txt"))
     return True
 
@@ -169,15 +168,18 @@ class Run:
         t0 = time.perf_counter()
         calls = []
 
-        def rollout(requests):
+        def rollout(requests):  # this host's groups on its engine (which holds state.params); all hosts' back
             calls.append(len(requests))
-            return driver.run(requests, state.params, reset_metrics=len(calls) == 1)
+            if len(calls) == 1:
+                driver.metrics = RolloutMetrics()  # also on a host that has no group in this step
+            return distributed.run_shared(lambda mine: driver.run(mine, reset_metrics=False), requests)
 
         with profiling.scope("rollout"):
             exp = experience.collect(cfg, state.step, prompts, rollout)
         t_rollout = time.perf_counter() - t0
         check_environment(exp.trajectories, step=state.step, cfg=cfg)
-        metrics = {**rollout_metrics(exp.trajectories), **driver.metrics.summary(), **exp.stats}
+        summary, env_s = multihost.rollout_summary(driver)
+        metrics = {**rollout_metrics(exp.trajectories), **summary, **exp.stats}
         minis, stats = batch_builder.build(exp.groups, cfg, rows_per_micro=setup.rows_per_micro, cp=setup.cp)
         metrics.update(stats)
         t1 = time.perf_counter()
@@ -195,7 +197,7 @@ class Run:
         state.step += 1
         state.data = prompts.get_state()
         metrics.update({"time/rollout_s": t_rollout, "time/train_s": time.perf_counter() - t1,
-                        "time/env_s": driver.metrics.env_seconds, "time/step_s": time.perf_counter() - t0,
+                        "time/env_s": env_s, "time/step_s": time.perf_counter() - t0,
                         "epoch": prompts.epoch, "nan_streak": state.nan_streak})
         return metrics
 
@@ -209,18 +211,15 @@ class Run:
         stop = ""
         try:
             with open_env_pool(cfg) as pool:
-                state, engine, resumed = self.start_state(ckpt, prompts, engine_for=lambda p: make_engine(setup, p),
-                                                          pool=pool)
+                state, engine, resumed = self.start_state(
+                    ckpt, prompts, engine_for=lambda p: multihost.host_engine(setup, p, make_engine), pool=pool)
                 validation = hooks_lib.Validation(cfg, engine=engine, pool=pool, chat=setup.chat,
                                                   model_config=setup.bundle.config)
                 # In this order: a stop request and the validation result reach the metrics and the checkpoint.
                 hooks = [hooks_lib.Sigterm(), validation,
                          hooks_lib.Metrics(cfg, resume_step=state.step if resumed else None),
                          hooks_lib.NanGuard(cfg, ckpt), hooks_lib.Checkpoint(cfg, ckpt), hooks_lib.Profile(cfg)]
-                step_fn = GRPOStep(setup.bundle.train_model(state.params), setup.optimizer, setup.step_settings,
-                                   param_shardings=setup.param_shardings, opt_shardings=setup.opt_shardings,
-                                   batch_sharding=setup.batch_sharding)
-                learner = Learner(step_fn, setup.step_settings)
+                learner = Learner(multihost.train_step(setup, state.params), setup.step_settings)
                 driver = RolloutDriver(engine, pool, setup.chat,
                                        limits=hooks_lib.rollout_limits(cfg, cfg.rollout.max_steps_per_turn))
                 if cfg.eval.plateau_patience and state.best.since >= cfg.eval.plateau_patience:

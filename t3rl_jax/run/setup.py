@@ -1,6 +1,7 @@
 """What a run is built from, built once and allocating nothing: mesh, sharding rules, model bundle, tokenizer, chat
 encoder, optimizer, step settings and every sharding. The training loop, the dry run and the fit check all start here.
 
+Multi-host, `local_mesh` is this process's share of the mesh (rollouts decode there, `run/multihost.py`).
 Problems with the mesh (its process count, its axis sizes against the devices, the micro-batch against the batch
 axes) stop here as `ConfigError`s naming the keys, before anything is compiled or allocated.
 """
@@ -19,6 +20,7 @@ from t3rl_jax.chat_format import ChatEncoder
 from t3rl_jax.config_checks import ConfigError
 from t3rl_jax.rl.grpo import LossSettings
 from t3rl_jax.rl.train_step import StepSettings, make_optimizer
+from t3rl_jax.run import multihost
 from t3rl_jax.tokenizer import load_tokenizer
 
 __all__ = ["RunSetup", "build_setup", "check_mesh"]
@@ -28,6 +30,7 @@ __all__ = ["RunSetup", "build_setup", "check_mesh"]
 class RunSetup:
     cfg: Any
     mesh: jax.sharding.Mesh
+    local_mesh: jax.sharding.Mesh  # this process's devices, where its rollouts decode (the mesh on one process)
     rules: tuple
     bundle: model_factory.ModelBundle
     tokenizer: Any
@@ -71,6 +74,10 @@ def build_setup(cfg, *, devices=None) -> RunSetup:
     """`devices`: compile-only accelerator devices (t3rl_jax/accel) for the fit check; default jax.devices()."""
     check_mesh(cfg, device_count=None if devices is None else len(devices))
     mesh = sh.make_mesh(cfg.mesh, devices)
+    try:
+        local = multihost.local_mesh(mesh)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     # Weights shard over fsdp x sequence: context-parallel devices hold distinct weight shards instead of copies
     # (stage 2's 8 devices then split params and Adam state 8 ways, not 2).
     rules = sh.logical_axis_rules(fsdp_over_sequence=True)
@@ -92,7 +99,7 @@ def build_setup(cfg, *, devices=None) -> RunSetup:
     opt_shardings = sh.optax_state_shardings(abstract_opt, bundle.abstract_params, bundle.param_shardings, mesh)
     abstract_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_opt, opt_shardings)
-    return RunSetup(cfg=cfg, mesh=mesh, rules=rules, bundle=bundle, tokenizer=tokenizer, chat=ChatEncoder(tokenizer),
+    return RunSetup(cfg=cfg, mesh=mesh, local_mesh=local, rules=rules, bundle=bundle, tokenizer=tokenizer, chat=ChatEncoder(tokenizer),
                     optimizer=optimizer, step_settings=step_settings, batch_sharding=batch_sharding,
                     param_shardings=bundle.param_shardings, opt_shardings=opt_shardings, abstract_opt=abstract_opt,
                     rows_per_micro=cfg.train.micro_batch_size, cp=cp)
