@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 demo: venv
-	$(BIN)/python -m t3rl_jax.main --config=tiny
+	$(BIN)/python -m t3rl_jax.main --config=demo
 
 # 8 fake CPU devices so mesh / context-parallel tests run on one CPU.
 test: venv

@@ -32,7 +32,7 @@ def test_make_demo_reward_rises(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), WANDB_MODE="offline")
     env.pop("XLA_FLAGS", None)  # as `make demo`: one CPU device
     start = time.time()
-    out = subprocess.run([sys.executable, "-m", "t3rl_jax.main", "--config=tiny", f"--config.workdir={tmp_path}"],
+    out = subprocess.run([sys.executable, "-m", "t3rl_jax.main", "--config=demo", f"--config.workdir={tmp_path}"],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     elapsed = time.time() - start
     assert out.returncode == 0, out.stderr[-3000:]
