@@ -24,6 +24,10 @@ the abstract ones so a checkpoint of another model shape stops with the offendin
 An interrupted async save leaves only a temporary directory, which Orbax ignores and cleans up. A step whose files
 were damaged afterwards (a truncated array file) is skipped by `restore_newest_readable`, which says which step it
 skipped and why, and names the way out when no step is readable.
+
+Tests only: `T3RL_TEST_KILL_AT=<point>:<step>` SIGKILLs the process at a named point (`kill_point`; the run loop
+has "update" and "save"). "commit:<step>" is reached from inside Orbax's background commit thread, once that step's
+optimizer-state arrays are written and before Orbax commits the step (its temporary directory still on disk).
 """
 
 from __future__ import annotations
@@ -43,6 +47,50 @@ __all__ = ["CheckpointMismatchError", "CheckpointUnreadableError", "Checkpointer
 
 ITEMS = ("params", "opt_state", "reference")
 log = logging.getLogger(__name__)
+KILL_ENV = "T3RL_TEST_KILL_AT"
+
+
+def kill_point(point: str, step: int, *, detail: str = "") -> None:
+    """SIGKILL this process when KILL_ENV is "<point>:<step>" (tests only: a crash at an exact point, no timing)."""
+    if os.environ.get(KILL_ENV) == f"{point}:{step}":
+        log.warning("%s=%s: killing this process%s", KILL_ENV, os.environ[KILL_ENV], detail)
+        for handler in logging.getLogger().handlers + log.handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _KillInCommit:
+    """A commit future that waits for the wrapped handler's writes, then reaches kill point "commit:<step>". Orbax
+    waits on it in its background commit thread, before the step's temporary directory is renamed."""
+
+    def __init__(self, futures, step: int, directory):
+        self._futures, self._step, self._directory = list(futures or ()), step, directory
+
+    def result(self, timeout=None):
+        for f in self._futures:
+            f.result(timeout=timeout)
+        where = os.fspath(getattr(self._directory, "path", self._directory))  # a PathAwaitingCreation or a path
+        kill_point("commit", self._step, detail=f" inside the async commit of step {self._step} (thread "
+                   f"{threading.current_thread().name}); temporary directory on disk: {os.path.isdir(where)} {where}")
+
+    def cancel(self):
+        return all(f.cancel() for f in self._futures)
+
+
+class _CommitKill:
+    """Makes a StandardCheckpointHandler's commit pass kill point "commit:<step>" (tests only). Its own `async_save`
+    is replaced on the instance, not subclassed: Orbax finds a handler's save arguments by its exact type."""
+
+    def __init__(self, handler: ocp.StandardCheckpointHandler):
+        self.handler, self.step = handler, -1  # step: set by Checkpointer.save before each save
+        save = handler.async_save
+
+        async def async_save(directory, *args, **kwargs):
+            futures = await save(directory, *args, **kwargs)
+            return [_KillInCommit(futures, self.step, directory)]
+
+        handler.async_save = async_save
+
 
 class CheckpointMismatchError(ValueError):
     """The stored tree does not fit the model/optimizer it is restored into."""
@@ -126,9 +174,11 @@ class Checkpointer:
             read_only=read_only,
         )
         # Handlers named up front so a fresh manager can read metadata of steps it did not write.
+        self._commit_kill = (_CommitKill(ocp.StandardCheckpointHandler())
+                             if async_save and os.environ.get(KILL_ENV, "").startswith("commit:") else None)
         handlers = {
             "params": ocp.StandardCheckpointHandler(),
-            "opt_state": ocp.StandardCheckpointHandler(),
+            "opt_state": self._commit_kill.handler if self._commit_kill else ocp.StandardCheckpointHandler(),
             "reference": ocp.StandardCheckpointHandler(),
             "extra": ocp.JsonCheckpointHandler(),
         }
@@ -155,6 +205,8 @@ class Checkpointer:
                      extra=ocp.args.JsonSave(extra))
         if reference is not None:
             items["reference"] = ocp.args.StandardSave(reference)
+        if self._commit_kill is not None:
+            self._commit_kill.step = step
         return bool(self._manager.save(step, args=ocp.args.Composite(**items)))
 
     def _resolve_step(self, step: int | None) -> int:

@@ -222,3 +222,40 @@ def test_damaged_latest_step_falls_back_to_the_newest_readable_one(tmp_path, cap
                                                         r".*--config.resume=never"):
         ckpt.restore_newest_readable(params=abstract(make_params(0, 256)), opt_state=abstract(opt_state))
     ckpt.close()
+
+
+def test_sigkill_inside_the_async_commit_leaves_only_a_temporary_directory_and_resume_ignores_it(tmp_path):
+    # Another process saves steps 1 and 2 asynchronously; "commit:2" SIGKILLs it from Orbax's commit thread once
+    # step 2's optimizer arrays are written, before the step is committed. Its main thread waits on the save.
+    script = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import test_checkpointing as t; "
+              "from t3rl_jax.checkpointing import Checkpointer\n"
+              "c = Checkpointer(sys.argv[3], keep=3, async_save=True)\n"
+              "for s in (1, 2):\n"
+              "    c.save(s, params=t.make_params(s, 64), opt_state=t.make_opt_state(t.make_params(0, 64)), "
+              "extra={'step': s})\n"
+              "    c.wait()\n"
+              "print('not killed')")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    killed = subprocess.run([sys.executable, "-c", script, os.path.dirname(tests_dir), tests_dir, str(tmp_path)],
+                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+                                 "T3RL_TEST_KILL_AT": "commit:2"}, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert "not killed" not in killed.stdout
+    assert "inside the async commit of step 2" in killed.stderr and "on disk: True" in killed.stderr
+    temporary = [p.name for p in tmp_path.iterdir() if p.name.startswith("2.") and "tmp" in p.name]
+    assert len(temporary) == 1, sorted(os.listdir(tmp_path))
+    written = [p for p in (tmp_path / temporary[0]).rglob("*") if p.is_file() and "opt_state" in str(p)]
+    assert any("ocdbt" in str(p) for p in written), written  # the killed step's optimizer arrays were on disk
+    assert not (tmp_path / "2").exists() and (tmp_path / "1").is_dir()
+
+    ckpt = Checkpointer(tmp_path, keep=3, async_save=True)
+    assert ckpt.all_steps() == [1]
+    opt_state = make_opt_state(make_params(0, 64))
+    step, items, skipped = ckpt.restore_newest_readable(params=abstract(make_params(0, 64)),
+                                                        opt_state=abstract(opt_state))
+    assert (step, skipped, items["extra"]) == (1, [], {"step": 1})
+    assert_trees_equal(items["params"], make_params(1, 64))
+    assert_trees_equal(items["opt_state"], opt_state)
+    ckpt.save(2, params=make_params(2, 64), opt_state=opt_state, extra={"step": 2})
+    ckpt.close()
+    assert sorted(os.listdir(tmp_path)) == ["1", "2"]  # the interrupted save's temporary directory is cleaned up

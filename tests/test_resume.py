@@ -1,7 +1,8 @@
 """Exact resume under production conditions: the worker pool, validation, KL (so a reference policy), async
 checkpoints and 8 fake devices as fsdp 2 x sequence 2 (x data 2). The run SIGKILLs itself at a chosen point
-(`T3RL_TEST_KILL_AT`, no timing guesses); the restarted run must log, for every step, the same value of every
-non-timing metric as one uninterrupted run."""
+(`T3RL_TEST_KILL_AT`, no timing guesses): after step 2's update, right after step 2's save was issued, or from
+inside Orbax's background commit of step 2 (its arrays written, the step not yet committed). The restarted run must
+log, for every step, the same value of every non-timing metric as one uninterrupted run."""
 
 import json
 import os
@@ -57,11 +58,34 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(straight, kill_at):
     resumed = run_tiny(workdir, base / "splits")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step" in resumed.stderr
-    got = metrics(workdir)
+    assert_same_metrics(want, metrics(workdir))
+    assert os.path.isfile(workdir / "hf_export" / "config.json")
+
+
+@pytest.mark.slow
+def test_sigkill_inside_the_async_checkpoint_commit_then_resume_matches_the_uninterrupted_run(straight):
+    base, want = straight
+    workdir = base / "commit_2"
+    killed = run_tiny(workdir, base / "splits", kill_at="commit:2")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    # The process killed itself from Orbax's commit thread, which saw step 2's temporary directory on disk; the
+    # directory is still there and step 2 was never committed.
+    said = [line for line in killed.stderr.splitlines() if "inside the async commit of step 2" in line]
+    assert said and "temporary directory on disk: True" in said[0], killed.stderr[-3000:]
+    ckpts = workdir / "checkpoints"
+    left = sorted(os.listdir(ckpts))
+    assert "1" in left and "2" not in left and [n for n in left if n.startswith("2.orbax-checkpoint-tmp")], left
+    resumed = run_tiny(workdir, base / "splits")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 1" in resumed.stderr
+    assert not [n for n in os.listdir(ckpts) if "tmp" in n], sorted(os.listdir(ckpts))
+    assert_same_metrics(want, metrics(workdir))
+
+
+def assert_same_metrics(want, got):
     assert sorted(want) == sorted(got) == list(range(1, STEPS + 1))
     assert "kl" in want[STEPS] and "val/accuracy/overall" in want[STEPS]
     for step in want:
         assert got[step].keys() == want[step].keys(), step
         mismatched = {k: (want[step][k], got[step][k]) for k in want[step] if got[step][k] != want[step][k]}
         assert not mismatched, (step, mismatched)
-    assert os.path.isfile(workdir / "hf_export" / "config.json")

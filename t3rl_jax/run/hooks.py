@@ -15,14 +15,13 @@ import hashlib
 import logging
 import os
 import shutil
-import signal
 
 import jax
 from flax import nnx
 
 from t3rl_jax import data as data_lib
 from t3rl_jax import distributed, params_checkpoint, profiling
-from t3rl_jax.checkpointing import Checkpointer, SigtermFlag
+from t3rl_jax.checkpointing import KILL_ENV, Checkpointer, SigtermFlag, kill_point  # noqa: F401 - kill_point: loop
 from t3rl_jax.metrics import MetricsLogger
 from t3rl_jax.eval import bfcl as bfcl_eval
 from t3rl_jax.rollout.driver import EpisodeRequest, RolloutLimits
@@ -32,9 +31,9 @@ from t3rl_jax.run import state as state_lib
 log = logging.getLogger(__name__)
 BEST_DIR = "best"
 SPLIT_FILES = {"test": "bfcl_test.jsonl"}  # eval.split -> file in data.splits_dir ("val": data.val_file)
-# Tests only: "update:N" SIGKILLs the run right after step N's update, "save:N" right after step N's checkpoint
-# save was issued (an async save is then still being written).
-KILL_ENV = "T3RL_TEST_KILL_AT"
+# Tests only (KILL_ENV, checkpointing.kill_point): "update:N" SIGKILLs the run right after step N's update, "save:N"
+# right after step N's checkpoint save was issued (at tiny sizes the async save has usually committed by then),
+# "commit:N" from inside Orbax's commit of step N (checkpointing.py), before the step is on disk.
 
 
 class TrainingStopped(RuntimeError):
@@ -59,12 +58,6 @@ class Hook:
 
     def close(self) -> None:
         pass
-
-
-def kill_point(point: str, step: int) -> None:
-    if os.environ.get(KILL_ENV) == f"{point}:{step}":
-        log.warning("%s=%s: killing this process", KILL_ENV, os.environ[KILL_ENV])
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def rollout_limits(cfg, steps_per_turn: int) -> RolloutLimits:
