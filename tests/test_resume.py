@@ -49,9 +49,11 @@ def straight(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_at", ["update:2", "save:2"])
-def test_sigkill_then_resume_matches_the_uninterrupted_run(straight, kill_at):
+def test_sigkill_after_an_update_then_resume_matches_the_uninterrupted_run(straight):
+    # A kill at the save point itself ("save:2") is left out for suite time: at these sizes the async save has
+    # committed by then; the commit test below kills inside Orbax's background commit instead.
     base, want = straight
+    kill_at = "update:2"
     workdir = base / kill_at.replace(":", "_")
     killed = run_tiny(workdir, base / "splits", kill_at=kill_at)
     assert killed.returncode == -9, killed.stderr[-3000:]
