@@ -148,6 +148,7 @@ def recipe() -> ml_collections.ConfigDict:
         warmup_steps=0,  # [slime] --lr-warmup-iters 0
         b1=0.9,  # [T3RL script] --adam-beta1 0.9 --adam-beta2 0.999
         b2=0.999,  # [T3RL script] --adam-beta2 0.999
+        adam_eps=1e-8,  # [slime] --adam-eps 1e-8 (Megatron's default; T3RL's script does not set it)
         weight_decay=0.01,  # [T3RL script] --weight-decay 0.01
         grad_clip=1.0,  # [T3RL script] --clip-grad 1.0
         micro_batch_size=8,  # [ours] packed rows per micro-batch, one per device (memory layout, not the recipe)

@@ -31,12 +31,11 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
                 "max_model_calls", "prefill_tokens_per_call", "slot_classes"),
     "prompt": ("style",),
     "env": ("augment", "num_workers", "step_timeout_s", "reward"),
-    "prompt": ("style",),
     "algo": ("advantage", "policy_loss", "adv_eps", "clip_low", "clip_high", "dual_clip", "kl_coef", "kl_type",
              "entropy_coef", "loss_agg", "filter_zero_variance", "refill_groups", "max_refill_batches",
              "failed_episodes", "old_logprobs", "tis_cap"),
-    "train": ("num_steps", "lr", "lr_schedule", "warmup_steps", "b1", "b2", "weight_decay", "grad_clip",
-              "micro_batch_size", "max_seq_len", "mini_batches_per_step", "max_nan_steps"),
+    "train": ("num_steps", "lr", "lr_schedule", "warmup_steps", "b1", "b2", "adam_eps", "weight_decay",
+              "grad_clip", "micro_batch_size", "max_seq_len", "mini_batches_per_step", "max_nan_steps"),
     "checkpoint": ("every_steps", "keep", "async_save"),
     "eval": ("every_steps", "split", "max_entries", "greedy", "max_steps_per_turn", "max_response_tokens",
              "max_model_calls", "prompt_style", "keep_best", "plateau_patience"),
@@ -55,15 +54,15 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     # Mirrors t3rl_jax.models.attention_backends.BACKENDS.
     "model.attention": ("auto", "cudnn", "splash", "blockwise", "xla"),
     "env.reward": ("progress", "binary", "format"),
-    "prompt.style": ("t3rl", "bfcl"),  # environments.bfcl.prompts.STYLES (tests/test_bfcl_prompts.py checks)
+    # environments.bfcl.prompts.STYLES (tests/test_bfcl_prompts.py checks)
+    "prompt.style": ("t3rl", "bfcl", "compact"),
     # GRPO building blocks: the names registered in t3rl_jax/rl/registry.py (which imports no JAX).
     **{key: registry.names(kind) for kind, key in registry.CONFIG_KEYS.items()},
     "algo.old_logprobs": ("trainer", "rollout"),
     "algo.failed_episodes": ("exclude", "drop_group"),
     "train.lr_schedule": ("constant", "cosine"),
     "eval.split": ("val", "test"),
-    "prompt.style": ("t3rl", "bfcl"),
-    "eval.prompt_style": ("t3rl", "bfcl"),
+    "eval.prompt_style": ("t3rl", "bfcl", "compact"),
     "log.wandb_mode": ("offline", "online", "disabled"),
 }
 BFCL_CATEGORIES = ("base", "miss_func", "miss_param", "long_context")
@@ -83,7 +82,8 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("algo.entropy_coef", 0, True), ("algo.tis_cap", 0, True), ("algo.dual_clip", 0, True),
     ("algo.max_refill_batches", 0, True),
     ("train.num_steps", 1, True), ("train.lr", 0, False), ("train.warmup_steps", 0, True),
-    ("train.b1", 0, True), ("train.b2", 0, True), ("train.weight_decay", 0, True), ("train.grad_clip", 0, True),
+    ("train.b1", 0, True), ("train.b2", 0, True), ("train.adam_eps", 0, False), ("train.weight_decay", 0, True),
+    ("train.grad_clip", 0, True),
     ("train.micro_batch_size", 1, True), ("train.max_seq_len", 1, True), ("train.mini_batches_per_step", 1, True),
     ("train.max_nan_steps", 1, True),
     ("checkpoint.every_steps", 0, True), ("checkpoint.keep", 1, True),

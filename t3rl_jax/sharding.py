@@ -96,7 +96,10 @@ def initialize_distributed(config: Any) -> bool:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=address,
                                    num_processes=_config_get(config, "num_processes"),
-                                   process_id=_config_get(config, "process_id"))
+                                   process_id=_config_get(config, "process_id"),
+                                   # Generous: a loaded host (a CI machine running several jobs) can take minutes
+                                   # to reach exit; the default (300 s) aborts its healthy peers.
+                                   shutdown_timeout_seconds=1800)
     check_processes(config)
     return bool(address)
 

@@ -81,7 +81,10 @@ def test_continuous_batching_equals_one_at_a_time_and_keeps_slots_busy(model, ch
         batched = RolloutDriver(_engine(model, 2, sampling), pool, chat, limits=limits)
         together = batched.run(requests)
         occupancy = batched.metrics.summary()["rollout/slot_occupancy"]
-        alone = [RolloutDriver(_engine(model, 1, sampling), pool, chat, limits=limits).run([r])[0] for r in requests]
+        # Alone on an engine of the same width: XLA:CPU may round a 1-row and a 2-row matmul differently, and at
+        # temperature 1 one ulp can move a draw across a token boundary (seen: 90321 vs 90322); scheduling is what
+        # this compares, not batch-width numerics.
+        alone = [RolloutDriver(_engine(model, 2, sampling), pool, chat, limits=limits).run([r])[0] for r in requests]
     for a, b in zip(together, alone):
         assert a.token_ids == b.token_ids and a.loss_mask == b.loss_mask
         np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-4, atol=1e-5)

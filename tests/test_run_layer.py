@@ -128,3 +128,18 @@ def test_chain_keeps_command_line_overrides_and_follows_the_previous_workdir():
     plain = load_config(first.next_stage, chained_overrides(["train.lr=2e-6"], load_config("paper_stage1"),
                                                              "paper_stage2"))
     assert plain.workdir == "runs/paper_stage2" and plain.init_from == "runs/paper_stage1/hf_export"
+
+
+def test_prompts_are_measured_in_the_style_the_episodes_show(setup):
+    """The prefill filter counts the prompt an episode shows (system prompt and the style's tool docs), not the
+    split record's T3RL-form tools: the demo's two entries are 1.4k tokens in the compact style, 3.6k in t3rl."""
+    from t3rl_jax.run.loop import prompt_iterator
+
+    small = ["rollout.max_prefill_length=2048"]
+    compact = load_config("tiny", [*small, "prompt.style=compact", "eval.prompt_style=compact"])
+    assert prompt_iterator(compact, setup.chat).get_state()["num_records"] == 2
+    assert len(hooks.validation_ids(compact, setup.chat)) == 2
+    with pytest.raises(ValueError, match="no records left .* max_prompt_tokens=2048"):
+        prompt_iterator(load_config("tiny", small), setup.chat)
+    with pytest.raises(ValueError, match="no records left .* max_prompt_tokens=2048"):
+        hooks.validation_ids(load_config("tiny", [*small, "prompt.style=compact"]), setup.chat)

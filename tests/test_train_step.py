@@ -66,8 +66,8 @@ def test_chunked_token_stats_equal_full_log_softmax():
 
 
 def _train_cfg(**kw):
-    base = dict(lr=1e-3, lr_schedule="constant", warmup_steps=0, b1=0.9, b2=0.999, weight_decay=0.01,
-                grad_clip=1.0, num_steps=10)
+    base = dict(lr=1e-3, lr_schedule="constant", warmup_steps=0, b1=0.9, b2=0.999, adam_eps=1e-8,
+                weight_decay=0.01, grad_clip=1.0, num_steps=10)
     base.update(kw)
     return ml_collections.ConfigDict(base)
 

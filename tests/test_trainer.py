@@ -37,7 +37,7 @@ def test_plateau_stop_exports_the_best_params_not_the_last(tmp_path):
 
     workdir = tmp_path / "run"
     run = run_tiny(workdir, tmp_path / "splits", extra=["eval.every_steps=1", "eval.plateau_patience=1",
-                                                        "checkpoint.async_save=False"])
+                                                        "checkpoint.async_save=False", "train.num_steps=3"])
     assert run.returncode == 0, run.stderr[-3000:]
     assert "(plateau)" in run.stdout
     rows = _metrics(workdir)

@@ -135,7 +135,9 @@ def ground_truth_tokens(entry_id: str, chat: ChatEncoder, prompt_style: str = "t
 
 
 @functools.lru_cache(maxsize=4096)
-def _prompt_tokens(entry_id: str, chat: ChatEncoder, prompt_style: str) -> int:
+def prompt_tokens(entry_id: str, chat: ChatEncoder, prompt_style: str) -> int:
+    """Tokens of the first prompt an episode of `entry_id` shows in `prompt_style` (system prompt and tool docs
+    included): what the prefill must hold."""
     episode = local_episode(entry_id, prompt_style=prompt_style)
     return len(chat.prompt_ids(episode.first_messages, episode.tools))
 
@@ -146,7 +148,7 @@ def check_budget(entry_ids: Sequence[str], chat: ChatEncoder, limits: RolloutLim
     entries whose ground-truth replay would not fit, with the reason (they still run, and are listed)."""
     excluded = {}
     for entry_id in entry_ids:
-        prompt = _prompt_tokens(entry_id, chat, prompt_style)
+        prompt = prompt_tokens(entry_id, chat, prompt_style)
         if prompt + 1 >= limits.max_context_tokens:
             raise ValueError(f"{key}={limits.max_context_tokens} cannot hold the prompt of {entry_id} "
                              f"({prompt} tokens plus at least one reply token)")

@@ -64,7 +64,8 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
     else:
         raise ValueError(f"train.lr_schedule {train_cfg.lr_schedule!r} is not 'constant' or 'cosine'")
     return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip),
-                       optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay))
+                       optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.adam_eps,
+                                   weight_decay=train_cfg.weight_decay))
 
 
 def micro_batch(batch: dict, num_micro_batches: int) -> dict:

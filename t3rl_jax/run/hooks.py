@@ -79,7 +79,8 @@ def validation_ids(cfg, chat) -> list[str]:
     records = data_lib.load_split(os.path.join(cfg.data.splits_dir, name), max_entries=cfg.eval.max_entries,
                                   categories=tuple(cfg.data.categories),
                                   max_prompt_tokens=cfg.rollout.max_prefill_length,
-                                  prompt_tokens_fn=lambda r: len(chat.prompt_ids(r["prompt"], r["metadata"]["tools"])))
+                                  prompt_tokens_fn=lambda r: bfcl_eval.prompt_tokens(data_lib.entry_id(r), chat,
+                                                                                     cfg.eval.prompt_style))
     return [data_lib.entry_id(r) for r in records]
 
 
@@ -104,9 +105,11 @@ class Validation(Hook):
     """Every eval.every_steps steps and at the last: validate, keep the best params in WORKDIR/best, and stop the
     stage after eval.plateau_patience evaluations without a new best."""
 
-    def __init__(self, cfg, *, engine, pool, chat, model_config):
+    def __init__(self, cfg, *, engine, pool, chat, model_config, entry_ids=None):
         self.cfg, self.engine, self.pool, self.chat, self.model_config = cfg, engine, pool, chat, model_config
-        self.entry_ids = validation_ids(cfg, chat) if cfg.eval.every_steps else []
+        if entry_ids is None:
+            entry_ids = validation_ids(cfg, chat) if cfg.eval.every_steps else []
+        self.entry_ids = entry_ids
         self.best_dir = os.path.join(cfg.workdir, BEST_DIR)
         self.last: dict = {}
 

@@ -24,6 +24,7 @@ from t3rl_jax import distributed, model_factory, params_checkpoint, profiling
 from t3rl_jax.checkpointing import Checkpointer
 from t3rl_jax.config import export_dir
 from t3rl_jax.envs.base import make_env_pool
+from t3rl_jax.eval import bfcl as bfcl_eval
 from t3rl_jax.evaluation import score_trajectories
 from t3rl_jax.rl import batch_builder, experience
 from t3rl_jax.rl.learner import Learner
@@ -45,7 +46,9 @@ def prompt_iterator(cfg, chat) -> data_lib.PromptIterator:
         write_splits(cfg.data.splits_dir)
     records = data_lib.load_split(path, max_entries=cfg.data.max_entries, categories=tuple(cfg.data.categories),
                                   max_prompt_tokens=cfg.rollout.max_prefill_length,
-                                  prompt_tokens_fn=lambda r: len(chat.prompt_ids(r["prompt"], r["metadata"]["tools"])))
+                                  # the prompt the episode shows, in the run's style (a record's tools are T3RL's)
+                                  prompt_tokens_fn=lambda r: bfcl_eval.prompt_tokens(data_lib.entry_id(r), chat,
+                                                                                     cfg.prompt.style))
     return data_lib.PromptIterator(records, prompts_per_step=cfg.data.prompts_per_step, seed=cfg.seed,
                                    shuffle=cfg.data.shuffle)
 
@@ -205,6 +208,8 @@ class Run:
         cfg, setup = self.cfg, self.setup
         artifacts.write_model_config(cfg.workdir, setup.bundle.config)
         prompts = prompt_iterator(cfg, setup.chat)
+        # Before the warm start: a validation split that the prefill cannot hold stops the run here.
+        val_ids = hooks_lib.validation_ids(cfg, setup.chat) if cfg.eval.every_steps else []
         ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                             async_save=cfg.checkpoint.async_save)
         hooks: list[hooks_lib.Hook] = []
@@ -214,7 +219,7 @@ class Run:
                 state, engine, resumed = self.start_state(
                     ckpt, prompts, engine_for=lambda p: multihost.host_engine(setup, p, make_engine), pool=pool)
                 validation = hooks_lib.Validation(cfg, engine=engine, pool=pool, chat=setup.chat,
-                                                  model_config=setup.bundle.config)
+                                                  model_config=setup.bundle.config, entry_ids=val_ids)
                 # In this order: a stop request and the validation result reach the metrics and the checkpoint.
                 hooks = [hooks_lib.Sigterm(), validation,
                          hooks_lib.Metrics(cfg, resume_step=state.step if resumed else None),
@@ -242,6 +247,9 @@ class Run:
         artifacts.plots(cfg.workdir)
         if stop != "sigterm":
             self.export(state, best=stop == "plateau")
+        # The primary's plots and export can outlast jax.distributed's shutdown barrier (a timeout, unlike this
+        # collective), which a peer that went straight to exit would otherwise be waiting in.
+        distributed.barrier("run_finished")
         return {"step": state.step, "stop": stop, **validation.last}
 
     def export(self, state, *, best: bool) -> str:
