@@ -54,15 +54,14 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     # Mirrors t3rl_jax.models.attention_backends.BACKENDS.
     "model.attention": ("auto", "cudnn", "splash", "blockwise", "xla"),
     "env.reward": ("progress", "binary", "format"),
-    # environments.bfcl.prompts.STYLES (tests/test_bfcl_prompts.py checks)
-    "prompt.style": ("t3rl", "bfcl", "compact"),
+    "prompt.style": ("t3rl", "bfcl"),  # environments.bfcl.prompts.STYLES (tests/test_bfcl_prompts.py checks)
     # GRPO building blocks: the names registered in t3rl_jax/rl/registry.py (which imports no JAX).
     **{key: registry.names(kind) for kind, key in registry.CONFIG_KEYS.items()},
     "algo.old_logprobs": ("trainer", "rollout"),
     "algo.failed_episodes": ("exclude", "drop_group"),
     "train.lr_schedule": ("constant", "cosine"),
     "eval.split": ("val", "test"),
-    "eval.prompt_style": ("t3rl", "bfcl", "compact"),
+    "eval.prompt_style": ("t3rl", "bfcl"),
     "log.wandb_mode": ("offline", "online", "disabled"),
 }
 BFCL_CATEGORIES = ("base", "miss_func", "miss_param", "long_context")

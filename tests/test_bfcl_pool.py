@@ -178,7 +178,7 @@ def test_every_failure_path_ends_in_a_failed_result():
 
 def test_unknown_prompt_style_is_refused_with_the_known_styles():
     with EnvPool(0) as pool:
-        with pytest.raises(ValueError, match=r"prompt\.style.*'fancy'.*\['t3rl', 'bfcl', 'compact'\]"):
+        with pytest.raises(ValueError, match=r"prompt\.style.*'fancy'.*\['t3rl', 'bfcl'\]"):
             pool.open("multi_turn_base_0", prompt_style="fancy")
 
 

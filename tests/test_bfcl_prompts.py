@@ -146,7 +146,7 @@ def test_episode_shows_the_style_and_scores_the_same(style):
 
 
 def test_unknown_style_names_the_key_and_the_known_styles():
-    with pytest.raises(ValueError, match=r"prompt\.style.*'plain'.*\['t3rl', 'bfcl', 'compact'\]"):
+    with pytest.raises(ValueError, match=r"prompt\.style.*'plain'.*\['t3rl', 'bfcl'\]"):
         Episode("multi_turn_base_0", prompt_style="plain")
     assert config_checks.CHOICES["prompt.style"] == prompts.STYLES
 
@@ -156,21 +156,5 @@ def test_config_refuses_an_unknown_prompt_style():
 
     assert load_config("tiny").prompt.style == "t3rl"
     assert load_config("tiny", ["prompt.style=bfcl"]).prompt.style == "bfcl"
-    known = r"\('t3rl', 'bfcl', 'compact'\)"
-    with pytest.raises(config_checks.ConfigError, match=r"^prompt\.style: must be one of " + known):
+    with pytest.raises(config_checks.ConfigError, match=r"^prompt\.style: must be one of \('t3rl', 'bfcl'\)"):
         load_config("tiny", ["prompt.style=plain"])
-
-
-def test_compact_style_keeps_every_tool_and_parameter_in_a_fraction_of_the_text():
-    entry = catalog.load_entry("multi_turn_miss_func_0")
-    full, compact = prompts.tools(entry, "t3rl"), prompts.tools(entry, "compact")
-    assert [t["function"]["name"] for t in compact] == [t["function"]["name"] for t in full]
-    for f, c in zip(full, compact):
-        f, c = f["function"], c["function"]
-        assert list(c["parameters"]["properties"]) == list(f["parameters"]["properties"])
-        assert c["parameters"]["required"] == f["parameters"].get("required", [])
-        assert c["description"] and c["description"].split()[0] in f["description"]
-    assert len(json.dumps(compact)) < 0.5 * len(json.dumps(full))
-    assert prompts.system_messages("compact") == prompts.system_messages("t3rl")
-    reveal = prompts.turn_messages(entry, 3, "compact")[0]["content"]
-    assert reveal.endswith(DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_FC) and '"sort"' in reveal

@@ -129,7 +129,7 @@ def test_calls_with_text_around_them_run_and_are_counted(engine, pool, chat):
 
 
 def test_unknown_prompt_style_is_refused_with_the_entry_and_the_styles():
-    with pytest.raises(ValueError, match=r"multi_turn_base_1.*'chatml'.*\('t3rl', 'bfcl', 'compact'\)"):
+    with pytest.raises(ValueError, match=r"multi_turn_base_1.*'chatml'.*\('t3rl', 'bfcl'\)"):
         EpisodeRequest("multi_turn_base_1", prompt_style="chatml")
 
 

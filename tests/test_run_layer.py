@@ -131,15 +131,16 @@ def test_chain_keeps_command_line_overrides_and_follows_the_previous_workdir():
 
 
 def test_prompts_are_measured_in_the_style_the_episodes_show(setup):
-    """The prefill filter counts the prompt an episode shows (system prompt and the style's tool docs), not the
-    split record's T3RL-form tools: the demo's two entries are 1.4k tokens in the compact style, 3.6k in t3rl."""
+    """The prefill filter counts the prompt an episode shows (system prompt and the style's tool docs): the demo's
+    two entries are 3,591 / 3,614 tokens in the t3rl style and 3,432 / 3,455 in bfcl's. (The split records' own
+    T3RL-form tools, which it counted before, come to 2,156 / 2,179: it kept prompts the prefill cannot hold.)"""
     from t3rl_jax.run.loop import prompt_iterator
 
-    small = ["rollout.max_prefill_length=2048"]
-    compact = load_config("tiny", [*small, "prompt.style=compact", "eval.prompt_style=compact"])
-    assert prompt_iterator(compact, setup.chat).get_state()["num_records"] == 2
-    assert len(hooks.validation_ids(compact, setup.chat)) == 2
-    with pytest.raises(ValueError, match="no records left .* max_prompt_tokens=2048"):
+    small = ["rollout.max_prefill_length=3520"]
+    bfcl = load_config("tiny", [*small, "prompt.style=bfcl", "eval.prompt_style=bfcl"])
+    assert prompt_iterator(bfcl, setup.chat).get_state()["num_records"] == 2
+    assert len(hooks.validation_ids(bfcl, setup.chat)) == 2
+    with pytest.raises(ValueError, match="no records left .* max_prompt_tokens=3520"):
         prompt_iterator(load_config("tiny", small), setup.chat)
-    with pytest.raises(ValueError, match="no records left .* max_prompt_tokens=2048"):
-        hooks.validation_ids(load_config("tiny", [*small, "prompt.style=compact"]), setup.chat)
+    with pytest.raises(ValueError, match="no records left .* max_prompt_tokens=3520"):
+        hooks.validation_ids(load_config("tiny", [*small, "prompt.style=bfcl"]), setup.chat)

@@ -3,10 +3,6 @@
 `t3rl`   T3RL's recipe: our own system prompt stating what T3RL's prompt requires, tool docs as bfcl-eval's
          `convert_to_tool` makes them (each function's `response` schema kept, float parameters marked), and at a
          reveal turn a user message with the revealed raw BFCL docs as JSON before bfcl-eval's sentence.
-`compact` the CPU demo's prompt [ours, not a recipe setting]: `t3rl`'s system prompt and reveal wording, but each
-         tool doc cut to its name, the first sentence of its description and its parameters' names and types (the
-         demo's TradingBot prompts: 1.4k tokens instead of 3.6k), so a tiny model's rows on a CPU are shorter; the
-         task (which calls, which arguments, executed and scored as in every style) is unchanged.
 `bfcl`   bfcl-eval's own protocol for Qwen FC models (its `QwenFCHandler`, an OSS handler, so multi-turn runs its
          prompting path): no system prompt, the loader's function docs (raw BFCL docs with its Python-syntax note)
          in the chat template's tools block, and at a reveal turn its prompting reveal message.
@@ -38,7 +34,7 @@ from bfcl_eval.utils import (  # noqa: E402
     populate_test_cases_with_predefined_functions,
 )
 
-STYLES = ("t3rl", "bfcl", "compact")
+STYLES = ("t3rl", "bfcl")
 DEFAULT_STYLE = "t3rl"
 
 # Our wording of what T3RL's system prompt asks for: reasoning inside thinking tags before acting, calls as
@@ -91,26 +87,10 @@ def _class_docs(class_name: str) -> tuple[dict[str, str], dict[str, str], dict[s
     converted = _convert_to_tool()(plain, GORILLA_TO_OPENAPI, ModelStyle.OPENAI_COMPLETIONS)
     return ({d["name"]: json.dumps(d) for d in plain},
             {d["name"]: json.dumps(d) for d in test_entry["function"]},
-            {t["function"]["name"]: json.dumps(t) for t in converted},
-            {t["function"]["name"]: json.dumps(_compact(t["function"])) for t in converted})
+            {t["function"]["name"]: json.dumps(t) for t in converted})
 
 
-def _compact(function: dict) -> dict:
-    """A converted tool doc cut to what a call needs: name, one sentence, parameter names and types."""
-    # Every BFCL description starts with the class's blurb, then "Tool description: " and the tool's own text.
-    description = function.get("description", "").split("Tool description: ")[-1].strip()
-    sentence = description.split("\n")[0].split(". ")[0].rstrip(".") + "."
-    schema = function.get("parameters", {})
-    return {"type": "function", "function": {
-        "name": function["name"], "description": sentence,
-        "parameters": {"type": "object",
-                       "properties": {k: {"type": v.get("type", "string")}
-                                      for k, v in schema.get("properties", {}).items()},
-                       "required": list(schema.get("required", []))}}}
-
-
-_RAW, _WITH_NOTE, _CONVERTED, _COMPACT = 0, 1, 2, 3
-_TOOL_FORMS = {"t3rl": _CONVERTED, "bfcl": _WITH_NOTE, "compact": _COMPACT}  # what each style's tools block shows
+_RAW, _WITH_NOTE, _CONVERTED = 0, 1, 2
 
 
 def preload() -> None:
@@ -127,7 +107,8 @@ def _docs_json(names, form: int) -> str:
 # ---- what an episode shows ---------------------------------------------------------------------------------------
 def tools_json(entry: catalog.Entry, style: str) -> str:
     """The tool docs of the whole episode in `style`, as JSON (cheap to send across a pipe)."""
-    return _docs_json(entry.tool_names_at(0), _TOOL_FORMS[check_style(style)])
+    form = _WITH_NOTE if check_style(style) == "bfcl" else _CONVERTED
+    return _docs_json(entry.tool_names_at(0), form)
 
 
 def tools(entry: catalog.Entry, style: str) -> list[dict]:
@@ -135,7 +116,7 @@ def tools(entry: catalog.Entry, style: str) -> list[dict]:
 
 
 def system_messages(style: str) -> list[dict]:
-    if check_style(style) in ("t3rl", "compact"):
+    if check_style(style) == "t3rl":
         return [{"role": "system", "content": T3RL_SYSTEM_PROMPT}]
     return []
 
@@ -152,7 +133,7 @@ def raw_revealed_docs(entry: catalog.Entry, turn: int) -> list[dict]:
 
 def revealed_tools(entry: catalog.Entry, turn: int, style: str) -> list[dict]:
     """The tools revealed at `turn`, in the form of the style's tool docs ([] on other turns)."""
-    form = _RAW if check_style(style) == "bfcl" else _TOOL_FORMS[style]
+    form = _RAW if check_style(style) == "bfcl" else _CONVERTED
     return json.loads(_docs_json(entry.missed_function.get(turn, ()), form))
 
 
@@ -164,9 +145,6 @@ def turn_messages(entry: catalog.Entry, turn: int, style: str) -> list[dict]:
     docs = raw_revealed_docs(entry, turn)
     if style == "bfcl":
         content = DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_PROMPTING.format(functions=docs)
-    elif style == "compact":
-        content = (json.dumps(revealed_tools(entry, turn, style)) + "\n"
-                   + DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_FC)
     else:
         content = json.dumps(docs) + "\n" + DEFAULT_USER_PROMPT_FOR_ADDITIONAL_FUNCTION_FC
     return [{"role": "user", "content": content}]

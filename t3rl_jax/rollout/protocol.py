@@ -45,7 +45,7 @@ from t3rl_jax.chat_format import ChatEncoder
 from t3rl_jax.rollout.trajectory import Trajectory
 from t3rl_jax.tool_calls import parse_reply_ids
 
-PROMPT_STYLES = ("t3rl", "bfcl", "compact")  # environments.bfcl.prompts.STYLES
+PROMPT_STYLES = ("t3rl", "bfcl")
 
 
 @dataclasses.dataclass(frozen=True)
