@@ -105,11 +105,10 @@ class Validation(Hook):
     """Every eval.every_steps steps and at the last: validate, keep the best params in WORKDIR/best, and stop the
     stage after eval.plateau_patience evaluations without a new best."""
 
-    def __init__(self, cfg, *, engine, pool, chat, model_config, entry_ids=None):
+    def __init__(self, cfg, *, engine, pool, chat, model_config, entry_ids):
+        # entry_ids: validation_ids(cfg, chat), read by the caller before the warm start (a bad split stops early)
         self.cfg, self.engine, self.pool, self.chat, self.model_config = cfg, engine, pool, chat, model_config
-        if entry_ids is None:
-            entry_ids = validation_ids(cfg, chat) if cfg.eval.every_steps else []
-        self.entry_ids = entry_ids
+        self.entry_ids = list(entry_ids)
         self.best_dir = os.path.join(cfg.workdir, BEST_DIR)
         self.last: dict = {}
 
