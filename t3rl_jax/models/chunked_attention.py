@@ -80,29 +80,6 @@ def stack_schedules(schedules) -> np.ndarray:
 # ----------------------------------------------------------------------------- tiles
 
 
-def _split_blocks(x, size, fill, axis=1):
-    """Cut `axis` into blocks of `size` (padding with `fill`) and move the block index to the front."""
-    pad = -x.shape[axis] % size
-    if pad:
-        widths = [(0, 0)] * x.ndim
-        widths[axis] = (0, pad)
-        x = jnp.pad(x, widths, constant_values=fill)
-    x = x.reshape(*x.shape[:axis], -1, size, *x.shape[axis + 1:])
-    return jnp.moveaxis(x, axis, 0)
-
-
-def _join_blocks(x, axis, length):
-    """Inverse of `_split_blocks` on a stacked result: blocks back into `axis`, padding cut."""
-    x = jnp.moveaxis(x, 0, axis)
-    x = x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2:])
-    return jax.lax.slice_in_dim(x, 0, length, axis=axis)
-
-
-def _kv_blocks(k, v, kv_positions, kv_segment_ids, block_size):
-    return (_split_blocks(k, block_size, 0), _split_blocks(v, block_size, 0),
-            _split_blocks(kv_positions, block_size, 0), _split_blocks(kv_segment_ids, block_size, PAD_SEGMENT))
-
-
 def _tie_mask_inputs(q, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
     """Make the mask inputs depend on q for JAX's partial evaluation.
 
@@ -114,18 +91,78 @@ def _tie_mask_inputs(q, q_positions, kv_positions, q_segment_ids, kv_segment_ids
     return jax.lax.optimization_barrier((q, q_positions, kv_positions, q_segment_ids, kv_segment_ids))
 
 
-def _block_mask(q_positions, q_segment_ids, kv_pos_blk, kv_seg_blk, live):
-    """[B, 1, 1, Tq, block] visibility: same non-padding segment and key not after query; `live` (0 or 1) is
-    the schedule row's flag (0: a padding row, nothing visible)."""
-    same = q_segment_ids[:, :, None] == kv_seg_blk[:, None, :]
-    not_pad = (q_segment_ids[:, :, None] != PAD_SEGMENT) & (kv_seg_blk[:, None, :] != PAD_SEGMENT)
-    causal = kv_pos_blk[:, None, :] <= q_positions[:, :, None]
-    return (same & not_pad & causal & (live > 0))[:, None, None]
+# Inside the tile loop every operand is laid out [blocks, B*Hkv, rows, D], with a query block's rows ordered
+# (group head, query): each tile's products are then plain batched matmuls with the batch dimension first and
+# the contraction last, and the group heads sharing a key head are rows of one matmul, so their key/value
+# gradients sum inside it. XLA:CPU runs the [B, Hkv, G, T, D] einsums of the public layout 3-5x slower (transposes
+# around a batched dot per tile: BENCHMARKS.md, "Blockwise attention layout").
 
 
-def _group_queries(q, hkv):
+def _pad_axis(x, axis, size, fill):
+    pad = -x.shape[axis] % size
+    if not pad:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=fill)
+
+
+def _query_rows(x, tq):
+    """[B, Hkv, G, T, ...] -> [nq, B*Hkv, G*tq, ...] (T padded with zeros to a multiple of tq)."""
+    x = _pad_axis(x, 3, tq, 0)
+    b, hkv, g, t = x.shape[:4]
+    rest = x.shape[4:]
+    x = x.reshape(b, hkv, g, t // tq, tq, *rest)
+    x = jnp.moveaxis(x, 3, 0)  # [nq, B, Hkv, G, tq, ...]
+    return x.reshape(t // tq, b * hkv, g * tq, *rest)
+
+
+def _from_query_rows(x, b, hkv, g, t):
+    """Inverse of `_query_rows`: [nq, B*Hkv, G*tq, ...] -> [B, Hkv, G, T, ...]."""
+    nq, _, gt = x.shape[:3]
+    rest = x.shape[3:]
+    tq = gt // g
+    x = x.reshape(nq, b, hkv, g, tq, *rest)
+    x = jnp.moveaxis(x, 0, 3).reshape(b, hkv, g, nq * tq, *rest)
+    return jax.lax.slice_in_dim(x, 0, t, axis=3)
+
+
+def _grouped_queries(q, hkv, tq):
+    """Queries [B, T, Hq, D] -> [nq, B*Hkv, G*tq, D]."""
     b, t, hq, d = q.shape
-    return q.reshape(b, t, hkv, hq // hkv, d)
+    return _query_rows(jnp.transpose(q.reshape(b, t, hkv, hq // hkv, d), (0, 2, 3, 1, 4)), tq)
+
+
+def _key_rows(x, block):
+    """Keys or values [B, S, Hkv, D] -> [nk, B*Hkv, block, D] (S padded with zeros)."""
+    x = _pad_axis(x, 1, block, 0)
+    b, s, hkv, d = x.shape
+    x = x.reshape(b, s // block, block, hkv, d).transpose(1, 0, 3, 2, 4)
+    return x.reshape(s // block, b * hkv, block, d)
+
+
+def _from_key_rows(x, b, hkv, s):
+    """Inverse of `_key_rows`: [nk, B*Hkv, block, D] -> [B, S, Hkv, D]."""
+    nk, _, block, d = x.shape
+    x = x.reshape(nk, b, hkv, block, d).transpose(1, 0, 3, 2, 4).reshape(b, nk * block, hkv, d)
+    return x[:, :s]
+
+
+def _token_blocks(x, size, fill):
+    """[B, T] positions or segment ids -> [n, B, size]."""
+    x = _pad_axis(x, 1, size, fill)
+    return jnp.moveaxis(x.reshape(x.shape[0], -1, size), 1, 0)
+
+
+def _block_mask(q_pos, q_seg, kv_pos, kv_seg, live, hkv, g):
+    """[B*Hkv, G*tq, block] visibility: same non-padding segment and key not after query; `live` (0 or 1) is
+    the schedule row's flag (0: a padding row, nothing visible)."""
+    same = q_seg[:, :, None] == kv_seg[:, None, :]
+    not_pad = (q_seg[:, :, None] != PAD_SEGMENT) & (kv_seg[:, None, :] != PAD_SEGMENT)
+    causal = kv_pos[:, None, :] <= q_pos[:, :, None]
+    mask = same & not_pad & causal & (live > 0)  # [B, tq, block]
+    b, tq, block = mask.shape
+    return jnp.broadcast_to(mask[:, None, None], (b, hkv, g, tq, block)).reshape(b * hkv, g * tq, block)
 
 
 def _schedule(schedule, nq, nk):
@@ -133,6 +170,20 @@ def _schedule(schedule, nq, nk):
     if schedule is None:
         return jnp.asarray(tile_schedule(np.arange(nq), np.arange(nk), 1, 1, causal=False))
     return jnp.asarray(schedule, jnp.int32)
+
+
+def _tiles(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, block_size, q_block_size):
+    """Everything the tile loops index, in the loop layout."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    tq = min(q_block_size or block_size, t)
+    k, v = jnp.asarray(k), jnp.asarray(v)
+    return dict(
+        q=_grouped_queries(q, hkv, tq), k=_key_rows(k, block_size), v=_key_rows(v, block_size),
+        q_pos=_token_blocks(q_positions, tq, 0), q_seg=_token_blocks(q_segment_ids, tq, PAD_SEGMENT),
+        kv_pos=_token_blocks(kv_positions, block_size, 0),
+        kv_seg=_token_blocks(kv_segment_ids, block_size, PAD_SEGMENT),
+        dims=(b, hkv, hq // hkv, t, k.shape[1], d, tq))
 
 
 def blockwise_forward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, block_size,
@@ -146,37 +197,32 @@ def blockwise_forward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segm
     """
     q, q_positions, kv_positions, q_segment_ids, kv_segment_ids = _tie_mask_inputs(
         q, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    g = hq // hkv
-    tq = min(q_block_size or block_size, t)
-    k_blks, v_blks, kpos_blks, kseg_blks = _kv_blocks(k, v, kv_positions, kv_segment_ids, block_size)
-    q_blks = _split_blocks(_group_queries(q, hkv), tq, 0)
-    qpos_blks, qseg_blks = _split_blocks(q_positions, tq, 0), _split_blocks(q_segment_ids, tq, PAD_SEGMENT)
-    nq, scale = q_blks.shape[0], d ** -0.5
+    x = _tiles(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, block_size, q_block_size)
+    b, hkv, g, t, _, d, _ = x["dims"]
+    qs, scale = x["q"], d ** -0.5
+    nq, n, rows = qs.shape[:3]
 
     def step(carry, row):
         i, j, live = row[0], row[1], row[2]
         m_all, l_all, acc_all = carry
-        qg, k_blk, v_blk = q_blks[i], k_blks[j], v_blks[j]
-        mask = _block_mask(qpos_blks[i], qseg_blks[i], kpos_blks[j], kseg_blks[j], live)
+        mask = _block_mask(x["q_pos"][i], x["q_seg"][i], x["kv_pos"][j], x["kv_seg"][j], live, hkv, g)
         m, l, acc = m_all[i], l_all[i], acc_all[i]
-        s = jnp.einsum("btkgd,bskd->bkgts", qg, k_blk, preferred_element_type=jnp.float32) * scale
+        s = jnp.einsum("ntd,nsd->nts", qs[i], x["k"][j], preferred_element_type=jnp.float32) * scale
         s = jnp.where(mask, s, _MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         correction = jnp.exp(m - m_new)
-        pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32)
+        pv = jnp.einsum("nts,nsd->ntd", p.astype(v.dtype), x["v"][j], preferred_element_type=jnp.float32)
         return (m_all.at[i].set(m_new), l_all.at[i].set(l * correction + p.sum(axis=-1)),
                 acc_all.at[i].set(acc * correction[..., None] + pv)), None
 
-    init = (jnp.full((nq, b, hkv, g, tq), _MASK_VALUE, jnp.float32), jnp.zeros((nq, b, hkv, g, tq), jnp.float32),
-            jnp.zeros((nq, b, hkv, g, tq, d), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(step, init, _schedule(schedule, nq, k_blks.shape[0]))
+    init = (jnp.full((nq, n, rows), _MASK_VALUE, jnp.float32), jnp.zeros((nq, n, rows), jnp.float32),
+            jnp.zeros((nq, n, rows, d), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(step, init, _schedule(schedule, nq, x["k"].shape[0]))
     seen = l > 0
     out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), EMPTY_LSE)
-    return _join_blocks(out, 3, t), _join_blocks(lse, 3, t)
+    return _from_query_rows(out, b, hkv, g, t), _from_query_rows(lse, b, hkv, g, t)
 
 
 def merge_stats(out_a, lse_a, out_b, lse_b):
@@ -214,35 +260,31 @@ def blockwise_backward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_seg
     """
     q, q_positions, kv_positions, q_segment_ids, kv_segment_ids = _tie_mask_inputs(
         q, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
-    t, d, hkv, s_len = q.shape[1], q.shape[3], k.shape[2], k.shape[1]
-    tq = min(q_block_size or block_size, t)
-    k_blks, v_blks, kpos_blks, kseg_blks = _kv_blocks(k, v, kv_positions, kv_segment_ids, block_size)
-    q_blks = _split_blocks(_group_queries(q, hkv), tq, 0)
-    qpos_blks, qseg_blks = _split_blocks(q_positions, tq, 0), _split_blocks(q_segment_ids, tq, PAD_SEGMENT)
-    lse_blks, delta_blks = _split_blocks(lse, tq, 0.0, axis=3), _split_blocks(delta, tq, 0.0, axis=3)
-    dout_blks = _split_blocks(dout_g, tq, 0.0, axis=3)
+    x = _tiles(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, block_size, q_block_size)
+    b, hkv, g, t, s_len, d, tq = x["dims"]
+    lse_r, delta_r, dout_r = (_query_rows(a.astype(jnp.float32), tq) for a in (lse, delta, dout_g))
     scale = d ** -0.5
 
     def step(carry, row):
         i, j, live = row[0], row[1], row[2]
         dq_all, dk_all, dv_all = carry
-        qg, k_blk, v_blk, lse_i, delta_i, dout_i = (q_blks[i], k_blks[j], v_blks[j], lse_blks[i], delta_blks[i],
-                                                    dout_blks[i])
-        mask = _block_mask(qpos_blks[i], qseg_blks[i], kpos_blks[j], kseg_blks[j], live)
-        s = jnp.einsum("btkgd,bskd->bkgts", qg, k_blk, preferred_element_type=jnp.float32) * scale
-        p = jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - lse_i[..., None]), 0.0)
-        dv = jnp.einsum("bkgts,bkgtd->bskd", p, dout_i)
-        dp = jnp.einsum("bkgtd,bskd->bkgts", dout_i, v_blk, preferred_element_type=jnp.float32)
-        ds = p * (dp - delta_i[..., None]) * scale
-        dq = jnp.einsum("bkgts,bskd->bkgtd", ds, k_blk, preferred_element_type=jnp.float32)
-        dk = jnp.einsum("bkgts,btkgd->bskd", ds, qg, preferred_element_type=jnp.float32)
+        q_i, k_j, v_j, dout_i = x["q"][i], x["k"][j], x["v"][j], dout_r[i]
+        mask = _block_mask(x["q_pos"][i], x["q_seg"][i], x["kv_pos"][j], x["kv_seg"][j], live, hkv, g)
+        s = jnp.einsum("ntd,nsd->nts", q_i, k_j, preferred_element_type=jnp.float32) * scale
+        p = jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - lse_r[i][..., None]), 0.0)
+        dv = jnp.einsum("nts,ntd->nsd", p, dout_i)
+        dp = jnp.einsum("ntd,nsd->nts", dout_i, v_j, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta_r[i][..., None]) * scale
+        dq = jnp.einsum("nts,nsd->ntd", ds, k_j, preferred_element_type=jnp.float32)
+        dk = jnp.einsum("nts,ntd->nsd", ds, q_i, preferred_element_type=jnp.float32)
         return (dq_all.at[i].add(dq), dk_all.at[j].add(dk), dv_all.at[j].add(dv)), None
 
-    kv_zeros = jnp.zeros(k_blks.shape, jnp.float32)
-    init = (jnp.zeros(dout_blks.shape, jnp.float32), kv_zeros, kv_zeros)
-    (dq, dk, dv), _ = jax.lax.scan(step, init, _schedule(schedule, q_blks.shape[0], k_blks.shape[0]))
-    unblock = lambda x: _join_blocks(x, 1, s_len)
-    return ungroup_output(_join_blocks(dq, 3, t), jnp.float32), unblock(dk), unblock(dv)
+    kv_zeros = jnp.zeros(x["k"].shape, jnp.float32)
+    init = (jnp.zeros(dout_r.shape, jnp.float32), kv_zeros, kv_zeros)
+    (dq, dk, dv), _ = jax.lax.scan(step, init, _schedule(schedule, x["q"].shape[0], x["k"].shape[0]))
+    dq = _from_query_rows(dq, b, hkv, g, t)  # [B, Hkv, G, T, D]
+    dq = jnp.transpose(dq, (0, 3, 1, 2, 4)).reshape(b, t, hkv * g, d)
+    return dq, _from_key_rows(dk, b, hkv, s_len), _from_key_rows(dv, b, hkv, s_len)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
