@@ -282,8 +282,7 @@ def blockwise_backward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_seg
     kv_zeros = jnp.zeros(x["k"].shape, jnp.float32)
     init = (jnp.zeros(dout_r.shape, jnp.float32), kv_zeros, kv_zeros)
     (dq, dk, dv), _ = jax.lax.scan(step, init, _schedule(schedule, x["q"].shape[0], x["k"].shape[0]))
-    dq = _from_query_rows(dq, b, hkv, g, t)  # [B, Hkv, G, T, D]
-    dq = jnp.transpose(dq, (0, 3, 1, 2, 4)).reshape(b, t, hkv * g, d)
+    dq = ungroup_output(_from_query_rows(dq, b, hkv, g, t), jnp.float32)
     return dq, _from_key_rows(dk, b, hkv, s_len), _from_key_rows(dv, b, hkv, s_len)
 
 
