@@ -11,6 +11,7 @@ must call it, in the same order.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import pickle
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from orbax.checkpoint import multihost as orbax_multihost
 
 __all__ = ["is_multihost", "allgather_objects", "any_process", "barrier", "run_shared", "owner_of", "global_array"]
 
@@ -46,10 +48,21 @@ def any_process(flag: bool) -> bool:
     return bool(np.asarray(multihost_utils.process_allgather(np.asarray(bool(flag), np.int32))).any())
 
 
-def barrier(name: str) -> None:
-    """Every process waits here until all have arrived (e.g. before peers read a directory process 0 renamed)."""
+# Barrier ids of the coordination service are single-use; every process calls `barrier` in the same order, so a
+# per-process counter gives every process the same fresh id.
+_barrier_count = itertools.count()
+BARRIER_TIMEOUT_S = 3600  # the primary's HF export of a 4B model (gather + safetensors write) precedes the last one
+
+
+def barrier(name: str, *, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
+    """Every process waits here until all have arrived (e.g. before peers read a directory process 0 renamed).
+
+    A barrier of jax.distributed's coordination service, not a collective: a peer that leaves a gloo all-gather
+    first may exit and close its sockets while the slower process is still reading its share, which then fails
+    with "Connection closed by peer" (how loaded CI machines failed at the run's last barrier)."""
     if is_multihost():
-        multihost_utils.sync_global_devices(name)
+        orbax_multihost.get_barrier_sync_fn()(key=f"t3rl_{name}_{next(_barrier_count)}",
+                                              timeout_ms=timeout_s * 1000)
 
 
 def owner_of(group_id: int) -> int:

@@ -247,8 +247,8 @@ class Run:
         artifacts.plots(cfg.workdir)
         if stop != "sigterm":
             self.export(state, best=stop == "plateau")
-        # The primary's plots and export can outlast jax.distributed's shutdown barrier (a timeout, unlike this
-        # collective), which a peer that went straight to exit would otherwise be waiting in.
+        # The primary's plots and export can outlast the timeout of jax.distributed's shutdown barrier, which a peer
+        # that went straight to exit would otherwise be waiting in; this one waits up to BARRIER_TIMEOUT_S.
         distributed.barrier("run_finished")
         return {"step": state.step, "stop": stop, **validation.last}
 
