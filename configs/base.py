@@ -176,7 +176,9 @@ def recipe() -> ml_collections.ConfigDict:
     )
     # Supervised warm start on ground-truth trajectories of training entries before GRPO step 0 (0 = off; only
     # the CPU demo uses it: a random model never calls a tool, so GRPO alone has no signal).
-    c.warm_start = dict(steps=0, lr=1e-3, max_entries=0)
+    # `until_loss` > 0 ends it early, once a pass over its micro-batches averages at most that loss: the sampled
+    # reward GRPO starts from follows the warm start's final loss far more closely than its step count.
+    c.warm_start = dict(steps=0, lr=1e-3, max_entries=0, until_loss=0.0)
     c.log = dict(wandb_mode="offline", wandb_project="t3rl-jax", every_steps=1)
     c.profile = dict(start_step=5, num_steps=0, port=0)
     return c

@@ -39,7 +39,7 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
     "checkpoint": ("every_steps", "keep", "async_save"),
     "eval": ("every_steps", "split", "max_entries", "greedy", "max_steps_per_turn", "max_response_tokens",
              "max_model_calls", "prompt_style", "keep_best", "plateau_patience"),
-    "warm_start": ("steps", "lr", "max_entries"),
+    "warm_start": ("steps", "lr", "max_entries", "until_loss"),
     "log": ("wandb_mode", "wandb_project", "every_steps"),
     "profile": ("start_step", "num_steps", "port"),
 }
@@ -89,6 +89,7 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("eval.every_steps", 0, True), ("eval.max_entries", 0, True), ("eval.max_steps_per_turn", 1, True),
     ("eval.plateau_patience", 0, True), ("eval.max_response_tokens", 1, True), ("eval.max_model_calls", 1, True),
     ("warm_start.steps", 0, True), ("warm_start.lr", 0, False), ("warm_start.max_entries", 0, True),
+    ("warm_start.until_loss", 0, True),
     ("log.every_steps", 1, True),
     ("profile.start_step", 0, True), ("profile.num_steps", 0, True), ("profile.port", 0, True),
 )

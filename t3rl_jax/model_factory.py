@@ -24,7 +24,11 @@ from t3rl_jax.models.embedding import make_sharded_embedding_lookup
 from t3rl_jax.models.model_config import Qwen3Config, preset
 from t3rl_jax.models.qwen3 import Qwen3, no_constraint
 
+# Query/key tile of the blockwise training attention. On XLA:CPU 256 runs the demo's SFT step ~13% faster than 512
+# (4,608-token rows, 4 heads of 16; BENCHMARKS.md, tenth session); accelerators keep 512, the size the
+# H200/TPU fit checks were measured at (their context-parallel path uses this kernel).
 TRAIN_ATTENTION_BLOCK = 512
+CPU_TRAIN_ATTENTION_BLOCK = 256
 ARCH_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
 
 
@@ -73,6 +77,10 @@ class ModelBundle:
         return nnx.merge(graphdef, params, rest)
 
 
+def train_attention_block(mesh: jax.sharding.Mesh) -> int:
+    return CPU_TRAIN_ATTENTION_BLOCK if mesh.devices.flat[0].platform == "cpu" else TRAIN_ATTENTION_BLOCK
+
+
 def build(cfg, mesh: jax.sharding.Mesh, rules=sh.LOGICAL_AXIS_RULES) -> ModelBundle:
     """Abstract models and shardings; nothing is allocated."""
     mcfg = model_config(cfg)
@@ -81,7 +89,7 @@ def build(cfg, mesh: jax.sharding.Mesh, rules=sh.LOGICAL_AXIS_RULES) -> ModelBun
     # exact, never builds the [heads, T, T] scores, and on XLA CPU several times faster than one batched einsum
     # (benchmarks/model_throughput.py).
     attention_fn = get_attention(cfg.model.get("attention", "auto"), mesh=mesh, rules=rules,
-                                 block_size=TRAIN_ATTENTION_BLOCK, dtype=cfg.model.dtype)
+                                 block_size=train_attention_block(mesh), dtype=cfg.model.dtype)
     # The explicit lookup keeps XLA from replicating the looked-up activations (models/embedding.py).
     train = nnx.eval_shape(lambda: Qwen3(mcfg, rngs=nnx.Rngs(0), attention_fn=attention_fn,
                                          activation_constraint=sh.make_activation_constraint(mesh, rules),

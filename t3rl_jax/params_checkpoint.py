@@ -36,7 +36,8 @@ def save_params(path: str | os.PathLike, params, *, config: Qwen3Config | None =
                 assets: dict[str, str] | None = None, force: bool = False) -> None:
     """Write params (a module, an nnx.State or a pure dict of arrays) and optionally its config.
 
-    `assets` maps a file name to a source path copied into `hf_assets/` (tokenizer files etc.).
+    `assets` maps a file name to a source path copied into `hf_assets/` (tokenizer files etc.). Multi-host: every
+    process calls it (the params save is collective); the config and assets are written by the primary alone.
     """
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(os.path.join(path, PARAMS_DIR)) and not force:
@@ -45,6 +46,8 @@ def save_params(path: str | os.PathLike, params, *, config: Qwen3Config | None =
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(path, PARAMS_DIR), _pure(params), force=force)
     checkpointer.wait_until_finished()
+    if jax.process_index() != 0:
+        return  # the side files are one copy each; a peer writing them too races the primary's later rename
     if config is not None:
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
             json.dump(config.to_hf_dict(), f, indent=2)

@@ -89,7 +89,7 @@ def test_unknown_target_exits_2(capsys):
     assert "unknown target 'a100'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("budget,max_prefill", [(8192, 8192), (4096, 8192), (256, 256), (8192, 2048)])
+@pytest.mark.parametrize("budget,max_prefill", [(8192, 8192), (4096, 8192), (256, 256), (128, 128), (8192, 2048)])
 def test_extend_shapes_are_the_largest_calls_the_prefill_budget_allows(budget, max_prefill):
     from t3rl_jax.rollout import extend_batch
     from t3rl_jax.rollout.extend_batch import largest_calls
@@ -98,9 +98,17 @@ def test_extend_shapes_are_the_largest_calls_the_prefill_budget_allows(budget, m
         requests = [extend_batch.ExtendRequest(i, [i % rows + 1] * tokens, reset=True) for i in range(outputs)]
         return extend_batch.prefill_cost(requests, max_prefill)
 
-    (one, longest, fanned), (rows, tokens, outputs) = largest_calls(budget, max_prefill, 16)
+    shapes = largest_calls(budget, max_prefill, 16)
+    one, longest, fanned = shapes[0]
     assert (one, longest) == (1, max_prefill)  # a request over the budget is sent alone, so the longest always
     assert fanned == (16 if cost(1, max_prefill, 16) <= budget else 1)
-    assert rows == outputs == 16 and cost(rows, tokens, outputs) <= budget
+    # Distinct rows: as many as the budget holds at the smallest bucket (a power of two, at most 16).
+    smallest = extend_batch.prefill_bucket(1, max_prefill)
+    most = next(r for r in (16, 8, 4, 2, 1) if r == 1 or r * smallest <= budget)
+    if most == 1:
+        assert len(shapes) == 1
+        return
+    rows, tokens, outputs = shapes[1]
+    assert rows == outputs == most and cost(rows, tokens, outputs) <= budget
     longer = extend_batch.prefill_bucket(tokens + 1, max_prefill)
-    assert longer == tokens or cost(rows, longer, outputs) > budget  # no longer bucket of 16 rows fits
+    assert longer == tokens or cost(rows, longer, outputs) > budget  # no longer bucket of that many rows fits

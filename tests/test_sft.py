@@ -18,6 +18,27 @@ def test_sft_loss_is_the_masked_token_mean_nll():
     assert float(sft_loss(jnp.asarray(logp), jnp.zeros_like(jnp.asarray(mask)))) == 0.0
 
 
+def test_loss_target_needs_a_whole_pass_at_or_below_it():
+    from t3rl_jax.rl.sft import loss_target_reached
+
+    assert not loss_target_reached([0.01], 0.0, 1)  # 0: off
+    assert loss_target_reached([3.0, 0.05], 0.05, 1)
+    assert not loss_target_reached([0.04], 0.05, 2)  # not a whole pass yet
+    assert not loss_target_reached([3.0, 0.04, 0.07], 0.05, 2)  # the pass averages 0.055
+    assert loss_target_reached([3.0, 0.04, 0.06], 0.05, 2)
+
+
+def test_sft_rows_fit_the_longest_replay():
+    from types import SimpleNamespace
+
+    from t3rl_jax.rl.sft import sft_row_length
+
+    replays = [SimpleNamespace(length=n) for n in (3_900, 4_034)]
+    assert sft_row_length(replays, 4608) == 4096
+    assert sft_row_length(replays, 4000) == 4000  # never past the training row
+    assert sft_row_length([SimpleNamespace(length=4097)], 8192) == 4608
+
+
 @pytest.mark.slow
 def test_warm_start_fits_ground_truth_assistant_tokens():
     from environments.bfcl.pool import EnvPool

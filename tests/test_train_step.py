@@ -89,6 +89,28 @@ def test_micro_batches_accumulate_to_the_full_batch_update():
             np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=2e-5, atol=1e-7)
 
 
+def test_in_pass_anchor_equals_a_separate_old_logprob_pass():
+    # old_logprobs None (trainer): each micro-batch's own forward is the PPO anchor; it must give the update and the
+    # metrics that log-probs recomputed in a separate pass at the same parameters give.
+    b = micro_batch(_batch(np.random.default_rng(3)), 1)
+    settings = StepSettings(LossSettings(entropy_coef=0.01, dual_clip=3.0), old_logprobs="trainer", seq_chunk=16,
+                            vocab_chunk=64)
+    model = _model()
+    step = GRPOStep(model, optax.sgd(0.1), settings, donate=False)
+    params = nnx.state(model, nnx.Param)
+    got = []
+    for old in (None, step.logprobs(params, b)):
+        new, _, metrics = step.update(params, step.optimizer.init(params), b, old_logprobs=old)
+        got.append((jax.tree.leaves(new), metrics))
+    (in_pass, m_in), (apart, m_apart) = got
+    for a, c in zip(in_pass, apart):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=2e-5, atol=1e-7)
+    for key in ("loss", "entropy", "approx_kl", "ratio_max", "ratio_min", "mismatch_abs_logp_diff_mean"):
+        np.testing.assert_allclose(m_in[key], m_apart[key], rtol=2e-5, atol=1e-6, err_msg=key)
+    assert m_in["ratio_max"] == m_in["ratio_min"] == 1.0
+    assert m_in["num_loss_tokens"] == b["loss_mask"].sum()
+
+
 def test_nonfinite_loss_skips_the_update():
     rng = np.random.default_rng(2)
     b = _batch(rng)

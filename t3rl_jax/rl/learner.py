@@ -1,9 +1,10 @@
 """One GRPO update from built mini-batches: old / reference log-prob passes, then one optimizer step per mini-batch.
 
-The PPO anchor is the policy that generated the rollouts, so trainer-side old log-probs are computed for every
-mini-batch before the first update; the reference policy's log-probs (KL on) likewise. Each metric is combined
-over micro- and mini-batches by its own reducer (`rl.step_metrics`): token-weighted means over the whole step,
-maxima and minima as such, counts summed.
+The PPO anchor is the policy that generated the rollouts, so trainer-side old log-probs are computed before the
+first update for every mini-batch but the first (it is updated at that policy: its own forward, without gradient,
+is the anchor); the reference policy's log-probs (KL on) for every mini-batch. Each metric is combined over micro-
+and mini-batches by its own reducer (`rl.step_metrics`): token-weighted means over the whole step, maxima and
+minima as such, counts summed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ class Learner:
         step_fn = self.step_fn
         olds = [None] * len(minis)
         if self.settings.old_logprobs == "trainer":
-            olds = [step_fn.logprobs(params, mb) for mb in minis]
+            # The first mini-batch is updated at the rollout policy itself, so its forward is its own anchor
+            # (None: `update_weighted` takes it in-pass); later ones need the log-probs from before any update.
+            olds = [None] + [step_fn.logprobs(params, mb) for mb in minis[1:]]
         refs = [step_fn.logprobs(ref_params, mb) if self.settings.loss.needs_reference else None for mb in minis]
         collected = []
         for mb, old, ref in zip(minis, olds, refs):

@@ -3,7 +3,8 @@
 A random or very small model never writes a tool call, so every GRPO group scores 0 and nothing is learned (the CPU
 demo's problem). The warm start replays the ground truth of a few training entries through the real rollout path
 (engine, driver, environments, chat deltas: `rollout/scripted.py`), packs those trajectories like GRPO's rows, and
-takes `warm_start.steps` AdamW steps on the mean cross-entropy of their loss-mask (assistant) tokens. It has its own
+takes `warm_start.steps` AdamW steps on the mean cross-entropy of their loss-mask (assistant) tokens, or fewer:
+`warm_start.until_loss` > 0 stops once a pass over the micro-batches averages at most that loss. It has its own
 optimizer: GRPO's Adam moments start fresh after it.
 """
 
@@ -21,6 +22,7 @@ from jax.sharding import NamedSharding
 
 from t3rl_jax import data as data_lib
 from t3rl_jax import distributed
+from t3rl_jax import sharding as sh
 from t3rl_jax.evaluation import category_of
 from t3rl_jax.rl import batching
 from t3rl_jax.rl.train_step import loss_slots, micro_batch, token_logprobs_and_entropy, vocab_parallel_for
@@ -34,6 +36,25 @@ def sft_loss(logprobs, loss_mask):
     """Mean negative log-likelihood over the masked tokens of the batch (token mean)."""
     mask = loss_mask.astype(jnp.float32)
     return -jnp.sum(logprobs * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+ROW_MULTIPLE = 512
+
+
+def sft_row_length(trajectories, max_seq_len: int) -> int:
+    """Rows as long as the longest ground-truth trajectory needs (rounded up to ROW_MULTIPLE, at most
+    `max_seq_len`): the warm start compiles its own step anyway, and attention's cost grows with the square of
+    the row (the demo's replays are <= 4,034 tokens in 4,608-token training rows)."""
+    longest = max((t.length for t in trajectories), default=1)
+    return min(max_seq_len, -(-longest // ROW_MULTIPLE) * ROW_MULTIPLE)
+
+
+def loss_target_reached(losses, until_loss: float, micro_batches: int) -> bool:
+    """Whether the last pass over the `micro_batches` micro-batches averaged at most `until_loss` (0: never): a
+    whole pass, so the stop does not hinge on one easy micro-batch."""
+    if until_loss <= 0 or len(losses) < micro_batches:
+        return False
+    return float(np.mean(losses[-micro_batches:])) <= until_loss
 
 
 def warm_start_entries(cfg) -> list[str]:
@@ -73,7 +94,7 @@ def ground_truth_trajectories(cfg, entry_ids, *, engine, pool, chat, params):
     return trajectories
 
 
-def make_sft_step(bundle, optimizer, *, param_shardings, batch_sharding, num_slots, cp: int):
+def make_sft_step(bundle, optimizer, *, param_shardings, batch_sharding, num_slots, cp: int, opt_shardings=None):
     """jitted (params, opt_state, micro-batch) -> (params, opt_state, loss, grad_norm), sharded like GRPO's step."""
     vocab_parallel = vocab_parallel_for(bundle.train_model(bundle.abstract_params), param_shardings,
                                         batch_sharding) if cp == 1 else None
@@ -92,8 +113,10 @@ def make_sft_step(bundle, optimizer, *, param_shardings, batch_sharding, num_slo
         return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
 
     batch_shardings = {k: batch_sharding for k in ("tokens", "positions", "segment_ids", "targets", "loss_mask")}
-    return jax.jit(step, in_shardings=(param_shardings, None, batch_shardings),
-                   out_shardings=(param_shardings, None, None, None), donate_argnums=(0, 1))
+    # The optimizer state keeps one sharding in and out: left free, the first step's outputs come back laid out
+    # differently from `optimizer.init`'s and the second step compiles again.
+    return jax.jit(step, in_shardings=(param_shardings, opt_shardings, batch_shardings),
+                   out_shardings=(param_shardings, opt_shardings, None, None), donate_argnums=(0, 1))
 
 
 def warm_start(cfg, *, bundle, mesh, param_shardings, batch_sharding, params, engine, pool, chat):
@@ -105,8 +128,10 @@ def warm_start(cfg, *, bundle, mesh, param_shardings, batch_sharding, params, en
     entry_ids = warm_start_entries(cfg)
     # params=None: the engine's own, i.e. `params` (placed on this host's devices when multi-host)
     trajectories = ground_truth_trajectories(cfg, entry_ids, engine=engine, pool=pool, chat=chat, params=None)
+    replay_s = time.perf_counter() - t0
     rows_per_micro = cfg.train.micro_batch_size
-    packed = batching.pack(trajectories, np.zeros(len(trajectories), np.float32), row_length=cfg.train.max_seq_len,
+    packed = batching.pack(trajectories, np.zeros(len(trajectories), np.float32),
+                           row_length=sft_row_length(trajectories, cfg.train.max_seq_len),
                            pad_rows_to_multiple=rows_per_micro)
     arrays = packed.as_dict()
     cp = mesh.shape.get("sequence", 1)
@@ -119,19 +144,26 @@ def warm_start(cfg, *, bundle, mesh, param_shardings, batch_sharding, params, en
     micro = [{k: distributed.global_array(batch_sharding, minis[k][i]) for k in keys}
              for i in range(minis["tokens"].shape[0])]
     optimizer = optax.chain(optax.clip_by_global_norm(cfg.train.grad_clip), optax.adamw(ws.lr, weight_decay=0.0))
-    opt_state = jax.jit(optimizer.init)(params)
+    opt_shardings = sh.optax_state_shardings(jax.eval_shape(optimizer.init, bundle.abstract_params),
+                                             bundle.abstract_params, param_shardings, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     step = make_sft_step(bundle, optimizer, param_shardings=param_shardings, batch_sharding=batch_sharding,
-                         num_slots=loss_slots(arrays["loss_mask"], arrays["tokens"].shape[1]), cp=cp)
+                         num_slots=loss_slots(arrays["loss_mask"], arrays["tokens"].shape[1]), cp=cp,
+                         opt_shardings=opt_shardings)
     params = jax.tree.map(lambda x: x.copy(), params)  # the step donates its input; the caller's arrays stay
     metrics = []
+    until = float(ws.until_loss)
     for i in range(ws.steps):
         mb = micro[i % len(micro)]
+        t_step = time.perf_counter()
         params, opt_state, loss, grad_norm = step(params, opt_state, mb)
         metrics.append({"warm_start/step": float(i + 1), "warm_start/loss": float(loss),
-                        "warm_start/grad_norm": float(grad_norm),
+                        "warm_start/grad_norm": float(grad_norm), "warm_start/step_s": time.perf_counter() - t_step,
                         "warm_start/tokens": float(np.asarray(minis["loss_mask"][i % len(micro)]).sum())})
+        if loss_target_reached([m["warm_start/loss"] for m in metrics], until, len(micro)):
+            break
     engine.update_params(params)
     if metrics:
-        metrics[-1].update({"warm_start/entries": float(len(entry_ids)),
+        metrics[-1].update({"warm_start/entries": float(len(entry_ids)), "warm_start/replay_s": replay_s,
                             "warm_start/seconds": time.perf_counter() - t0})
     return params, metrics

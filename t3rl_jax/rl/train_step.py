@@ -228,12 +228,14 @@ class GRPOStep:
         return [fn(params, mb) for mb in _split(batch)]
 
     def _grad_impl(self, params, mb, old, ref, denominator, *, num_slots):
-        """Forward + backward of one micro-batch -> (gradients, metrics)."""
+        """Forward + backward of one micro-batch -> (gradients, metrics). `old` None: the PPO anchor is `params`
+        itself, i.e. this forward's own log-probs without gradient (ratio 1, the on-policy surrogate)."""
         s = self.settings
 
         def loss_fn(p):
             logp, ent = self._stats(p, mb, num_slots)
-            return grpo_loss(s.loss, logp=logp, old_logp=old, advantages=mb["advantages"], mask=mb["loss_mask"],
+            old_logp = jax.lax.stop_gradient(logp) if old is None else old
+            return grpo_loss(s.loss, logp=logp, old_logp=old_logp, advantages=mb["advantages"], mask=mb["loss_mask"],
                              entropy=ent, ref_logp=ref if s.loss.needs_reference else None,
                              rollout_logp=mb["rollout_logprobs"] if s.old_logprobs == "trainer" else None,
                              segment_ids=mb["segment_ids"], denominator=denominator)
@@ -274,7 +276,9 @@ class GRPOStep:
         micro = _split(batch)
         if old_logprobs is None:
             if s.old_logprobs == "trainer":
-                old_logprobs = self.logprobs(params, batch)
+                # The old policy is `params`, which every micro-batch's gradient is taken at: each forward is its
+                # own anchor, and a separate log-prob pass over the batch would compute the same numbers again.
+                old_logprobs = [None] * len(micro)
             else:
                 old_logprobs = [mb["rollout_logprobs"] for mb in micro]
         if ref_logprobs is None:

@@ -133,12 +133,16 @@ def largest_calls(prefill_tokens_per_call: int, max_prefill: int, max_rows: int)
     """(computed rows, padded tokens, output rows) of the largest prefill calls the scheduler can make: it packs
     requests until `prefill_cost` would pass the budget, at most `max_rows` slots a call, and sends a request over
     the budget alone. The two extremes: one prompt of the longest bucket (a GRPO group starting, fanned out to its
-    slots when the budget holds it: the longest attention per row) and `max_rows` distinct rows of the budget's
-    share each (slots resuming after tool results: the most cache rows gathered)."""
+    slots when the budget holds it: the longest attention per row) and as many distinct rows as the budget holds
+    (at most `max_rows`, halved until they fit), of the budget's share each (slots resuming after tool results:
+    the most cache rows gathered)."""
     shapes = [(1, max_prefill, max_rows if prefill_tokens_per_call >= max_prefill else 1)]
-    if max_rows > 1:
-        shapes.append((max_rows, _largest_bucket_at_most(prefill_tokens_per_call // max_rows, max_prefill),
-                       max_rows))
+    # Distinct rows are bounded by the budget too: each costs at least the smallest bucket.
+    rows, smallest = max_rows, min(MIN_PREFILL_BUCKET, max_prefill)
+    while rows > 1 and rows * smallest > prefill_tokens_per_call:
+        rows //= 2
+    if rows > 1:
+        shapes.append((rows, _largest_bucket_at_most(prefill_tokens_per_call // rows, max_prefill), rows))
     return shapes
 
 

@@ -141,6 +141,7 @@ class Validation(Hook):
             shutil.rmtree(tmp)
         distributed.barrier("best_tmp_cleared")  # no peer starts writing into the old tmp before it is gone
         params_checkpoint.save_params(tmp, nnx.to_pure_dict(params), config=self.model_config, force=True)
+        distributed.barrier("best_tmp_written")  # the rename waits for every process's part of the tmp
         if jax.process_index() == 0:
             with open(os.path.join(tmp, "best_step"), "w") as f:
                 f.write(str(step))
