@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 # Mesh tests need several devices; set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("BFCL_PROJECT_ROOT", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".bfcl_root"))
@@ -28,3 +30,26 @@ def pytest_unconfigure(config):
         import shutil
 
         shutil.rmtree(_CREATED_CACHE, ignore_errors=True)
+
+
+# In-process tests compile dozens of small programs and run each once or twice, so on two cores most of their time
+# is XLA's LLVM back end: jax's `jax_disable_most_optimizations` (backend optimization level 0; the HLO passes -
+# fusion, SPMD partitioning, buffer assignment - still run) cut test_learner from 212 to 120 s of CPU. It is set for
+# in-process tests only: the subprocess runs (test_resume, test_multihost, ...) execute for minutes and keep the
+# production compiler, and so do the modules below, whose claims are about optimized programs.
+KEEP_OPTIMIZED = {
+    "test_accel_targets", "test_attention_backends", "test_fit_check", "test_gpu_check", "test_hlo_facts",
+    "test_determinism",  # bit-for-bit determinism is a claim about the programs production runs
+    # Execution-bound (4k-token prefills, whole episodes): slower unoptimized, measured in the full suite
+    # (test_slot_classes' fixture 160 -> 362 s, test_driver's replay 46 -> 102 s, test_sft's warm start ~200 -> 249 s).
+    "test_driver", "test_scheduler", "test_serve", "test_sft", "test_slot_classes",
+}
+
+
+@pytest.fixture(autouse=True, scope="module")  # module scope: set before a module's own fixtures compile
+def _xla_backend_optimizations(request):
+    import jax
+
+    jax.config.update("jax_disable_most_optimizations", request.module.__name__.split(".")[-1] not in KEEP_OPTIMIZED)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)

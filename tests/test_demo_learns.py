@@ -25,16 +25,15 @@ def test_reward_rise_compares_first_and_last_steps():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(run=False, strict=True, reason="goal not met yet (issue 12, item 9): configs/demo.py's run "
-                   "took 12:57 on this 2-core machine (warm start 349 s, 8 GRPO steps of ~40 s) and raised the "
-                   "sampled reward from 0.203 to 0.269 (+0.07) between its first and last 3 steps, short of +0.2 "
-                   "in 10 minutes (BENCHMARKS.md, CPU demo); not run, so CI time is not spent on it")
 def test_make_demo_reward_rises(tmp_path):
+    """The rise is asserted; the 10-minute goal is reported as an expected failure while it is missed (12:21 when
+    run alone on this 2-core machine; in the suite the other worker shares the cores, so the time here is not the
+    benchmark's: BENCHMARKS.md, CPU demo)."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), WANDB_MODE="offline")
     env.pop("XLA_FLAGS", None)  # as `make demo`: one CPU device
     start = time.time()
     out = subprocess.run([sys.executable, "-m", "t3rl_jax.main", "--config=demo", f"--config.workdir={tmp_path}"],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=2700)
     elapsed = time.time() - start
     assert out.returncode == 0, out.stderr[-3000:]
     with open(tmp_path / "metrics.jsonl") as f:
@@ -44,4 +43,6 @@ def test_make_demo_reward_rises(tmp_path):
     assert last - first >= 0.2, reward_rise_lines(grpo)
     assert [line for line in out.stdout.strip().splitlines()[-2:]] == reward_rise_lines(grpo)
     assert (tmp_path / "plots" / "reward.png").stat().st_size > 0
-    assert elapsed < 600, elapsed
+    if elapsed >= 600:
+        pytest.xfail(f"the reward rose {last - first:+.3f} (goal met) but the run took {elapsed:.0f} s, over the "
+                     "10-minute goal (issue 12, item 9: missed)")
