@@ -34,7 +34,7 @@ demo: venv
 
 # 8 fake CPU devices so mesh / context-parallel tests run on one CPU.
 test: venv
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -n 2 --dist=loadfile --durations=40 tests
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -rx -n 2 --dist=loadfile --durations=40 tests
 
 test-fast: venv
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q -m "not slow" tests

@@ -287,7 +287,8 @@ def check_train(ctx: Context, *, seq: int = 8192) -> dict:
         mb = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in batch.items()}
         old = jax.ShapeDtypeStruct((1, seq), np.float32, sharding=batch_sharding)
         denominator = jax.ShapeDtypeStruct((), np.float32)
-        out["grad"] = compile_report(first, bundle.abstract_params, mb, old, old, denominator)
+        out["grad"] = compile_report(first, bundle.abstract_params, mb, old, old, denominator,
+                                     jax.ShapeDtypeStruct((), np.bool_))
         out["apply"] = compile_report(step._apply, bundle.abstract_params, setup.abstract_opt, bundle.abstract_params)
         out["fused_attention_in_hlo"] = any("cudnn" in c for c in out["grad"]["custom_calls"])
         out["passed"] = True

@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         mb = {k: v[0] for k, v in batch.items()}
         grad_fn = step.functions_for(step.slots_for(batch))[1]
         profiling.dump_hlo(grad_fn, params, mb, mb["rollout_logprobs"], mb["rollout_logprobs"], np.float32(1.0),
-                           path=os.path.join(out, "hlo", "train_grad.txt"))
+                           np.bool_(False), path=os.path.join(out, "hlo", "train_grad.txt"))
         profiling.dump_hlo(engine.generate_function, engine.params, prefilled, num_steps=args.decode_steps,
                            path=os.path.join(out, "hlo", "decode_steps.txt"))
         print(f"HLO written to {os.path.join(out, 'hlo')}")

@@ -56,9 +56,10 @@ def abstract_train_step(cfg, devices=None) -> AbstractStep:
                     batch_sharding=setup.batch_sharding)
     slots = length if setup.step_settings.compact_logits else None
     denominator = jax.ShapeDtypeStruct((), np.float32)
+    own_anchor = jax.ShapeDtypeStruct((), np.bool_)
     logprobs, first, accumulate = step.functions_for(slots)
-    return AbstractStep(setup, first, (params, mb, floats, floats, denominator),
-                        accumulate, (params, params, mb, floats, floats, denominator),
+    return AbstractStep(setup, first, (params, mb, floats, floats, denominator, own_anchor),
+                        accumulate, (params, params, mb, floats, floats, denominator, own_anchor),
                         step._apply, (params, setup.abstract_opt, params),
                         logprobs, (params, mb), make_engine)
 

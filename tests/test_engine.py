@@ -336,7 +336,7 @@ def test_long_extend_goes_in_query_tiles_and_equals_transformers(hf_and_model):
 
 def test_prefill_buckets_are_few_and_tight():
     assert [prefill_bucket(n, 8192) for n in (1, 16, 17, 700, 1024, 1025, 2148, 8000)] == \
-        [16, 16, 32, 1024, 1024, 2048, 3072, 8192]
+        [128, 128, 128, 1024, 1024, 2048, 3072, 8192]
     with pytest.raises(ValueError, match="max_prefill_length"):
         prefill_bucket(9000, 8192)
 

@@ -136,6 +136,21 @@ def test_build_packs_uneven_groups_into_micro_batches():
     assert stats["length/truncated_episodes"] == 0
 
 
+def test_mini_batches_slice_episodes_in_order_with_whole_group_advantages():
+    # 4 groups of 4 into 8 mini-batches (more than there are groups): 2 consecutive episodes each, each trained
+    # with the advantage its whole group gave it.
+    cfg = _cfg(max_refill_batches=0)
+    cfg.train.mini_batches_per_step = 8
+    exp = collect(cfg, 0, _prompts(), _rollout(varied_every=1))
+    minis, _ = build(exp.groups, cfg, rows_per_micro=2, cp=1)
+    assert len(minis) == 8
+    flat = np.concatenate(advantages_of(exp.groups, cfg.algo))
+    for i, mb in enumerate(minis):
+        assert mb["loss_mask"].sum() == 2 * 2  # two episodes of 2 sampled tokens
+        seq = mb["advantages"][mb["loss_mask"] > 0].reshape(-1, 2)[:, 0]
+        np.testing.assert_allclose(np.sort(seq), np.sort(flat[2 * i:2 * i + 2]), rtol=1e-6)
+
+
 def test_build_counts_truncated_episodes_and_keeps_their_advantage():
     cfg = _cfg(max_refill_batches=0)
     cfg.train.max_seq_len = 4  # every 5-token episode is cut after its 4th token

@@ -30,7 +30,7 @@ def test_identical_fresh_prompts_share_one_computed_row_and_padding_rows_point_n
     np.testing.assert_allclose(b.temperature, [0.7, 0.7, 1.3, 0.7])
     np.testing.assert_array_equal(b.limits, [100, 50, 100, 100])
     assert b.longest == 3
-    assert prefill_cost(requests, 64) == 4 * 16
+    assert prefill_cost(requests, 64) == 4 * prefill_bucket(3, 64)
 
 
 def test_bad_requests_name_themselves():

@@ -21,7 +21,7 @@ TINY = ["--config=tiny", "--config.mesh.data=1", "--config.mesh.fsdp=8", "--conf
         "--config.rollout.max_prefill_length=256", "--config.rollout.prefill_tokens_per_call=256",
         "--config.rollout.max_concurrent_decodes=8"]
 EVERY_FUNCTION = ["grad_first", "grad_accumulate", "optimizer_update", "logprob_pass", "decode_state",
-                  "extend_1x256", "extend_8x32", "decode_loop"]
+                  "extend_1x256", "extend_2x128", "decode_loop"]
 GIB = 2**30
 
 

@@ -111,6 +111,35 @@ def test_in_pass_anchor_equals_a_separate_old_logprob_pass():
     assert m_in["num_loss_tokens"] == b["loss_mask"].sum()
 
 
+def test_in_pass_and_given_anchors_share_one_compilation_on_a_mesh():
+    # A step's first mini-batch anchors in-pass and the next on log-probs from `logprobs` (device arrays): on a mesh
+    # the two calls must reuse one executable (a second compile costs seconds on the CPU demo, minutes for 4B).
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    b = micro_batch(_batch(np.random.default_rng(3)), 1)
+    settings = StepSettings(LossSettings(entropy_coef=0.01), old_logprobs="trainer", seq_chunk=16, vocab_chunk=64)
+    model = _model()
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
+    params = nnx.state(model, nnx.Param)
+    step = GRPOStep(model, optax.sgd(0.1), settings, donate=False,
+                    param_shardings=jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), params),
+                    batch_sharding=NamedSharding(mesh, PartitionSpec("data")))
+    slots = step.slots_for(b)
+    old = step.logprobs(params, b, num_slots=slots)
+    compiles, counting = [], [True]
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _s, **_kw: compiles.append(event)
+        if counting[0] and event == "/jax/core/compile/backend_compile_duration" else None)
+    try:
+        for anchor in (None, old):
+            step.update_weighted(params, step.optimizer.init(params), b, old_logprobs=anchor, num_slots=slots)
+            if anchor is None:
+                first = len(compiles)
+    finally:
+        counting[0] = False
+    assert first >= 1 and len(compiles) == first  # the given-anchor call compiled nothing new
+
+
 def test_nonfinite_loss_skips_the_update():
     rng = np.random.default_rng(2)
     b = _batch(rng)

@@ -162,13 +162,14 @@ def test_sharded_grpo_step_equals_single_device(shape, tied):
                             compact_logits=cp_size == 1)
 
     plain = GRPOStep(plain_model, None, settings, donate=False)
-    want_g, want_m = plain.functions_for(plain.slots_for(mb))[1](params, mb, old, old, denominator)
+    want_g, want_m = plain.functions_for(plain.slots_for(mb))[1](params, mb, old, old, denominator, np.bool_(False))
     sharded = GRPOStep(sharded_model, None, settings, param_shardings=param_sh, batch_sharding=batch_sh,
                        donate=False)
     assert (plain.slots_for(mb) or length) < length or cp_size > 1  # the compact path is exercised
     lb = {k: cp.to_load_balanced(v, cp_size) for k, v in mb.items()}
     got_g, got_m = sharded.functions_for(sharded.slots_for(lb))[1](params, lb, cp.to_load_balanced(old, cp_size),
-                                                                   cp.to_load_balanced(old, cp_size), denominator)
+                                                                   cp.to_load_balanced(old, cp_size), denominator,
+                                                                   np.bool_(False))
     for key in want_m:
         np.testing.assert_allclose(float(got_m[key]), float(want_m[key]), rtol=1e-5, atol=1e-6, err_msg=key)
     for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(want_g), jax.tree_util.tree_leaves(got_g)):

@@ -1,9 +1,10 @@
 """Kept GRPO groups -> training mini-batches: advantages -> packed rows -> context-parallel balance -> micro-batches.
 
 Groups may differ in size (failed episodes are left out of theirs), so advantages come from the flat, group-id
-form. Mini-batches split whole groups, so each optimizer step sees complete GRPO groups. A trajectory longer than
-a training row is trained on its first `train.max_seq_len` tokens with the advantage of the whole episode's reward
-(as verl does) and counted in `length/truncated_episodes`.
+form. Mini-batches are consecutive equal slices of the step's episodes in group order (slime's `--global-batch-size`
+counts samples, not prompts); a slice may cut a group, whose advantages were taken over the whole group first. A
+trajectory longer than a training row is trained on its first `train.max_seq_len` tokens with the advantage of the
+whole episode's reward (as verl does) and counted in `length/truncated_episodes`.
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ def build(groups: list[list[Trajectory]], cfg, *, rows_per_micro: int, cp: int) 
     """Mini-batches of [micro, rows_per_micro, max_seq_len] arrays (None when no group is left) and batch stats."""
     if not groups:
         return None, {}
-    adv = advantages_of(groups, cfg.algo)
-    parts = [p for p in np.array_split(np.arange(len(groups)), cfg.train.mini_batches_per_step) if len(p)]
+    episodes = [t for g in groups for t in g]
+    adv = np.concatenate(advantages_of(groups, cfg.algo))
+    parts = [p for p in np.array_split(np.arange(len(episodes)), cfg.train.mini_batches_per_step) if len(p)]
     minis, truncated, padding = [], 0, []
     for part in parts:
-        trajs = [t for i in part for t in groups[i]]
-        packed = batching.pack(trajs, np.concatenate([adv[i] for i in part]), row_length=cfg.train.max_seq_len,
+        packed = batching.pack([episodes[i] for i in part], adv[part], row_length=cfg.train.max_seq_len,
                                pad_rows_to_multiple=rows_per_micro)
         arrays = packed.as_dict()
         if cp > 1:

@@ -25,16 +25,18 @@ class Learner:
         if self.settings.loss.needs_reference and ref_params is None:
             raise ValueError(f"algo.kl_coef={self.settings.loss.kl_coef} > 0 needs the reference parameters")
         step_fn = self.step_fn
+        slots = step_fn.step_slots(minis)  # one compiled shape for the whole step
         olds = [None] * len(minis)
         if self.settings.old_logprobs == "trainer":
             # The first mini-batch is updated at the rollout policy itself, so its forward is its own anchor
             # (None: `update_weighted` takes it in-pass); later ones need the log-probs from before any update.
-            olds = [None] + [step_fn.logprobs(params, mb) for mb in minis[1:]]
-        refs = [step_fn.logprobs(ref_params, mb) if self.settings.loss.needs_reference else None for mb in minis]
+            olds = [None] + [step_fn.logprobs(params, mb, num_slots=slots) for mb in minis[1:]]
+        refs = [step_fn.logprobs(ref_params, mb, num_slots=slots) if self.settings.loss.needs_reference else None
+                for mb in minis]
         collected = []
         for mb, old, ref in zip(minis, olds, refs):
             params, opt_state, m = step_fn.update_weighted(params, opt_state, mb, old_logprobs=old,
-                                                           ref_logprobs=ref)
+                                                           ref_logprobs=ref, num_slots=slots)
             collected.append(m)
         merged = step_metrics.values(step_metrics.combine(collected))
         merged["num_optimizer_steps"] = float(len(minis))

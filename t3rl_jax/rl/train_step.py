@@ -203,9 +203,10 @@ class GRPOStep:
             logprobs = jax.jit(functools.partial(self._logprobs_impl, num_slots=num_slots), in_shardings=(p, b),
                                out_shardings=b)
             first = jax.jit(functools.partial(self._grad_impl, num_slots=num_slots),
-                            in_shardings=(p, b, b, b, None), out_shardings=(p, None))
+                            in_shardings=(p, b, b, b, None, None), out_shardings=(p, None))
             accumulate = jax.jit(functools.partial(self._accumulate_impl, num_slots=num_slots),
-                                 in_shardings=(p, p, b, b, b, None), out_shardings=(p, None), donate_argnums=(1,))
+                                 in_shardings=(p, p, b, b, b, None, None), out_shardings=(p, None),
+                                 donate_argnums=(1,))
             self._compiled[num_slots] = (logprobs, first, accumulate)
         return self._compiled[num_slots]
 
@@ -222,19 +223,25 @@ class GRPOStep:
     def _logprobs_impl(self, params, mb, *, num_slots):
         return self._stats(params, mb, num_slots)[0]
 
-    def logprobs(self, params, batch: dict):
+    def step_slots(self, batches: list[dict]) -> int | None:
+        """One logit-slot count for all of a step's mini-batches (their largest), so a step compiles one shape."""
+        slots = [self.slots_for(b) for b in batches]
+        return None if None in slots else max(slots)
+
+    def logprobs(self, params, batch: dict, *, num_slots: int | None = None):
         """Token log-probs [micro, rows, length] under `params` (old policy or reference), no gradient."""
-        fn = self.functions_for(self.slots_for(batch))[0]
+        fn = self.functions_for(self.slots_for(batch) if num_slots is None else num_slots)[0]
         return [fn(params, mb) for mb in _split(batch)]
 
-    def _grad_impl(self, params, mb, old, ref, denominator, *, num_slots):
-        """Forward + backward of one micro-batch -> (gradients, metrics). `old` None: the PPO anchor is `params`
-        itself, i.e. this forward's own log-probs without gradient (ratio 1, the on-policy surrogate)."""
+    def _grad_impl(self, params, mb, old, ref, denominator, own_anchor, *, num_slots):
+        """Forward + backward of one micro-batch -> (gradients, metrics). `own_anchor` true (a traced flag, so
+        both cases share one compilation): the PPO anchor is `params` itself, i.e. this forward's own log-probs
+        without gradient (ratio 1, the on-policy surrogate), and `old` is ignored."""
         s = self.settings
 
         def loss_fn(p):
             logp, ent = self._stats(p, mb, num_slots)
-            old_logp = jax.lax.stop_gradient(logp) if old is None else old
+            old_logp = jnp.where(own_anchor, jax.lax.stop_gradient(logp), old)
             return grpo_loss(s.loss, logp=logp, old_logp=old_logp, advantages=mb["advantages"], mask=mb["loss_mask"],
                              entropy=ent, ref_logp=ref if s.loss.needs_reference else None,
                              rollout_logp=mb["rollout_logprobs"] if s.old_logprobs == "trainer" else None,
@@ -243,8 +250,8 @@ class GRPOStep:
         (_, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return g, metrics
 
-    def _accumulate_impl(self, params, grads, mb, old, ref, denominator, *, num_slots):
-        g, metrics = self._grad_impl(params, mb, old, ref, denominator, num_slots=num_slots)
+    def _accumulate_impl(self, params, grads, mb, old, ref, denominator, own_anchor, *, num_slots):
+        g, metrics = self._grad_impl(params, mb, old, ref, denominator, own_anchor, num_slots=num_slots)
         return jax.tree.map(jnp.add, grads, g), metrics
 
     def _apply_impl(self, params, opt_state, grads):
@@ -268,19 +275,22 @@ class GRPOStep:
                                                           ref_logprobs=ref_logprobs)
         return params, opt_state, step_metrics.values(metrics)
 
-    def update_weighted(self, params, opt_state, batch: dict, *, old_logprobs=None, ref_logprobs=None):
+    def update_weighted(self, params, opt_state, batch: dict, *, old_logprobs=None, ref_logprobs=None,
+                        num_slots: int | None = None):
         """`update` with its metrics as host `step_metrics.Weighted`: each micro-batch's metrics combine by their
         own reducer, so every value is the whole batch's (independent of the number of micro-batches), and a
-        caller can combine several updates (mini-batches) the same way."""
+        caller can combine several updates (mini-batches) the same way. `num_slots`: logit positions per row
+        (default: `slots_for(batch)`; a caller with several mini-batches passes `step_slots` of them all)."""
         s = self.settings
         micro = _split(batch)
+        # The old policy is `params`, which every micro-batch's gradient is taken at: each forward is its own
+        # anchor, and a separate log-prob pass over the batch would compute the same numbers again.
+        own_anchor = old_logprobs is None and s.old_logprobs == "trainer"
         if old_logprobs is None:
-            if s.old_logprobs == "trainer":
-                # The old policy is `params`, which every micro-batch's gradient is taken at: each forward is its
-                # own anchor, and a separate log-prob pass over the batch would compute the same numbers again.
-                old_logprobs = [None] * len(micro)
-            else:
-                old_logprobs = [mb["rollout_logprobs"] for mb in micro]
+            # The anchor itself, or ignored (own_anchor). Placed as `logprobs` places its output: on a mesh, a numpy
+            # argument here and a device array from `logprobs` for the next mini-batch compile twice.
+            placed = jax.device_put if self._shardings[2] is not None else (lambda x, _: x)
+            old_logprobs = [placed(mb["rollout_logprobs"], self._shardings[2]) for mb in micro]
         if ref_logprobs is None:
             if s.loss.needs_reference:
                 raise ValueError("kl_coef > 0: pass ref_logprobs from the reference parameters")
@@ -289,14 +299,15 @@ class GRPOStep:
         denominator = np.maximum(np.asarray(aggregation_denominator(
             jnp.asarray(batch["loss_mask"]).reshape(-1, length), s.loss.loss_agg,
             segment_ids=jnp.asarray(batch["segment_ids"]).reshape(-1, length))), 1.0)
-        _, first, accumulate = self.functions_for(self.slots_for(batch))
+        _, first, accumulate = self.functions_for(self.slots_for(batch) if num_slots is None else num_slots)
         denominator = denominator.astype(np.float32)
+        own = np.bool_(own_anchor)
         grads, collected = None, []
         for mb, old, ref in zip(micro, old_logprobs, ref_logprobs):
             if grads is None:
-                grads, metrics = first(params, mb, old, ref, denominator)
+                grads, metrics = first(params, mb, old, ref, denominator, own)
             else:
-                grads, metrics = accumulate(params, grads, mb, old, ref, denominator)
+                grads, metrics = accumulate(params, grads, mb, old, ref, denominator, own)
             collected.append(metrics)
         merged = step_metrics.combine(jax.device_get(collected))
         params, opt_state, applied = self._apply(params, opt_state, grads)

@@ -135,7 +135,7 @@ def dump_hlo(workdir: str, step_fn: GRPOStep, engine, params, minis: dict) -> bo
     first = {k: v[0] for k, v in minis.items()}
     grad_fn = step_fn.functions_for(step_fn.slots_for(minis))[1]
     profiling.dump_hlo(grad_fn, params, first, first["rollout_logprobs"], first["rollout_logprobs"],
-                       np.float32(1.0), path=os.path.join(out, "train_grad.hlo.txt"))
+                       np.float32(1.0), np.bool_(False), path=os.path.join(out, "train_grad.hlo.txt"))
     profiling.dump_hlo(engine.generate_function, engine.params, engine.init_decode_state(),
                        num_steps=RolloutLimits.decode_steps_per_call, path=os.path.join(out, "decode.hlo.txt"))
     return True
