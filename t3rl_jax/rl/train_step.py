@@ -289,8 +289,7 @@ class GRPOStep:
         if old_logprobs is None:
             # The anchor itself, or ignored (own_anchor). Placed as `logprobs` places its output: on a mesh, a numpy
             # argument here and a device array from `logprobs` for the next mini-batch compile twice.
-            placed = jax.device_put if self._shardings[2] is not None else (lambda x, _: x)
-            old_logprobs = [placed(mb["rollout_logprobs"], self._shardings[2]) for mb in micro]
+            old_logprobs = [jax.device_put(mb["rollout_logprobs"], self._shardings[2]) for mb in micro]
         if ref_logprobs is None:
             if s.loss.needs_reference:
                 raise ValueError("kl_coef > 0: pass ref_logprobs from the reference parameters")
