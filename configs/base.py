@@ -178,7 +178,10 @@ def recipe() -> ml_collections.ConfigDict:
     # the CPU demo uses it: a random model never calls a tool, so GRPO alone has no signal).
     # `until_loss` > 0 ends it early, once a pass over its micro-batches averages at most that loss: the sampled
     # reward GRPO starts from follows the warm start's final loss far more closely than its step count.
-    c.warm_start = dict(steps=0, lr=1e-3, max_entries=0, until_loss=0.0)
+    # `wrong_argument_replays`: also replay each entry with one argument value wrong in every call
+    # (`rollout/scripted.wrong_argument_reply`) and train on both, so the demonstrations disagree exactly at the
+    # values and only the reward can tell which is right.
+    c.warm_start = dict(steps=0, lr=1e-3, max_entries=0, until_loss=0.0, wrong_argument_replays=False)
     c.log = dict(wandb_mode="offline", wandb_project="t3rl-jax", every_steps=1)
     c.profile = dict(start_step=5, num_steps=0, port=0)
     return c

@@ -1,11 +1,12 @@
-"""CPU demo (`make demo`): a tiny random Qwen3 with the real tokenizer learns two short base entries.
+"""The tiny preset: a 2-layer random Qwen3 with the real tokenizer on two short base entries, the base of the CPU demo
+(`configs/demo.py`, `make demo`) and of the end-to-end tests.
 
-A random model never writes a tool call, so GRPO alone has nothing to reinforce. The demo first warms up on the
+A random model never writes a tool call, so GRPO alone has nothing to reinforce: the preset first warms up on the
 ground truth of its two training entries (`rl/sft.py`: teacher-forced through the real rollout path, cross-entropy
-on the assistant tokens), then runs GRPO with the progress reward on the same entries at temperature 1.0; the
-sampled reward rises as GRPO sharpens what the warm start began. Validation replays the same two entries greedily.
-The entries (`configs/splits/tiny_train.jsonl`, written with `splits.record`) are the shortest TradingBot tasks:
-3.6k-token prompts in the `t3rl` style and 3-4 turns of one call each (whole ground truth <= 4,034 tokens).
+on the assistant tokens), then runs GRPO with the progress reward on the same entries. Validation replays the same
+two entries greedily. The entries (`configs/splits/tiny_train.jsonl`, written with `splits.record`) are the shortest
+TradingBot tasks: 3.6k-token prompts in the `t3rl` style and 3-4 turns of one call each (whole ground truth <= 4,034
+tokens).
 """
 
 import os

@@ -39,7 +39,7 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
     "checkpoint": ("every_steps", "keep", "async_save"),
     "eval": ("every_steps", "split", "max_entries", "greedy", "max_steps_per_turn", "max_response_tokens",
              "max_model_calls", "prompt_style", "keep_best", "plateau_patience"),
-    "warm_start": ("steps", "lr", "max_entries", "until_loss"),
+    "warm_start": ("steps", "lr", "max_entries", "until_loss", "wrong_argument_replays"),
     "log": ("wandb_mode", "wandb_project", "every_steps"),
     "profile": ("start_step", "num_steps", "port"),
 }

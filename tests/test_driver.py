@@ -14,7 +14,7 @@ from t3rl_jax.models.qwen3 import Qwen3
 from t3rl_jax.rollout.driver import EpisodeRequest, RolloutDriver, RolloutLimits
 from t3rl_jax.rollout.engine import Qwen3Engine, SamplingSettings
 from environments.bfcl import catalog
-from t3rl_jax.rollout.scripted import ground_truth_reply
+from t3rl_jax.rollout.scripted import ground_truth_reply, wrong_argument_reply
 from t3rl_jax.tokenizer import load_tokenizer
 
 ENTRIES = ["multi_turn_base_105", "multi_turn_miss_func_146", "multi_turn_miss_param_105"]
@@ -40,9 +40,11 @@ def _engine(model, slots, sampling=SamplingSettings(temperature=0.0)):
 @pytest.mark.slow
 def test_ground_truth_replay_scores_full_progress_and_masks_exactly_the_replies(model, chat):
     limits = RolloutLimits(max_context_tokens=6144, max_response_tokens=4000)
+    requests = [EpisodeRequest(e, group_id=i) for i, e in enumerate(ENTRIES)]
+    engine = _engine(model, 2)
     with EnvPool(num_workers=2) as pool:
-        driver = RolloutDriver(_engine(model, 2), pool, chat, limits=limits, script=ground_truth_reply)
-        trajs = driver.run([EpisodeRequest(e, group_id=i) for i, e in enumerate(ENTRIES)])
+        trajs = RolloutDriver(engine, pool, chat, limits=limits, script=ground_truth_reply).run(requests)
+        wrong = RolloutDriver(engine, pool, chat, limits=limits, script=wrong_argument_reply).run(requests)
     for entry_id, t in zip(ENTRIES, trajs):
         assert t.entry_id == entry_id and t.termination == "completed", t.extras
         assert t.reward == 1.0 and all(t.turn_correct) and len(t.turn_correct) == t.extras["num_entry_turns"]
@@ -63,6 +65,13 @@ def test_ground_truth_replay_scores_full_progress_and_masks_exactly_the_replies(
         text = chat.tokenizer.decode(ids.tolist())
         assert text.count("<|im_start|>assistant") == t.num_model_calls
         assert text.endswith("<|im_end|>")
+    # The warm start's noisy demonstrations (`warm_start.wrong_argument_replays`): the wrong calls run and the
+    # episode completes, scored below the ground truth, and the two replays agree token for token up to a token the
+    # model writes (the first wrong value), so no loss can tell them apart before it.
+    for t, w in zip(trajs, wrong):
+        assert w.termination == "completed" and w.reward < 1.0, (w.entry_id, w.extras)
+        first = next(i for i, (a, b) in enumerate(zip(t.token_ids, w.token_ids)) if a != b)
+        assert first > t.prompt_length and t.loss_mask[first] == w.loss_mask[first] == 1
     # miss_func: the held-back tools are shown when their turn comes (and not in the first prompt).
     missed = [name for names in catalog.load_entry(ENTRIES[1]).missed_function.values() for name in names]
     prompt = chat.tokenizer.decode(trajs[1].token_ids[:trajs[1].prompt_length])

@@ -4,8 +4,11 @@ A random or very small model never writes a tool call, so every GRPO group score
 demo's problem). The warm start replays the ground truth of a few training entries through the real rollout path
 (engine, driver, environments, chat deltas: `rollout/scripted.py`), packs those trajectories like GRPO's rows, and
 takes `warm_start.steps` AdamW steps on the mean cross-entropy of their loss-mask (assistant) tokens, or fewer:
-`warm_start.until_loss` > 0 stops once a pass over the micro-batches averages at most that loss. It has its own
-optimizer: GRPO's Adam moments start fresh after it.
+`warm_start.until_loss` > 0 stops once a pass over the micro-batches averages at most that loss. With
+`warm_start.wrong_argument_replays` each entry is also replayed with one argument value wrong in every call
+(`scripted.wrong_argument_reply`) and trained on as well: demonstrations that agree on the format and the calls but
+not on the values, which GRPO's reward then settles (the CPU demo). It has its own optimizer: GRPO's Adam moments
+start fresh after it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from t3rl_jax.evaluation import category_of
 from t3rl_jax.rl import batching
 from t3rl_jax.rl.train_step import loss_slots, micro_batch, token_logprobs_and_entropy, vocab_parallel_for
 from t3rl_jax.rollout.driver import EpisodeRequest, RolloutDriver, RolloutLimits
-from t3rl_jax.rollout.scripted import ground_truth_reply
+from t3rl_jax.rollout.scripted import ground_truth_reply, wrong_argument_reply
 
 SEQ_CHUNK, VOCAB_CHUNK = 1024, 16384
 
@@ -70,9 +73,10 @@ def warm_start_entries(cfg) -> list[str]:
     return [data_lib.entry_id(r) for r in records]
 
 
-def ground_truth_trajectories(cfg, entry_ids, *, engine, pool, chat, params):
-    """One teacher-forced ground-truth episode per entry through the real rollout path; every one must score
-    full progress (else the data would teach wrong calls), checked here."""
+def scripted_trajectories(cfg, entry_ids, *, engine, pool, chat, params, script=ground_truth_reply):
+    """One teacher-forced episode per entry through the real rollout path, replaying `script`: with the ground
+    truth every one must score full progress (else the data would teach wrong calls), checked here; any other
+    script's replays must complete."""
     r = cfg.rollout
     # Ground-truth replies are one per step plus the answer; the episode's own limits are what training uses.
     limits = RolloutLimits(max_steps_per_turn=max(r.max_steps_per_turn, 2), max_model_calls=10 ** 6,
@@ -81,16 +85,16 @@ def ground_truth_trajectories(cfg, entry_ids, *, engine, pool, chat, params):
     style = {"prompt_style": cfg.prompt.style} if "prompt_style" in EpisodeRequest.__dataclass_fields__ else {}
     requests = [EpisodeRequest(e, group_id=i, augment=False, reward_kind="progress", category=category_of(e),
                                **style) for i, e in enumerate(entry_ids)]
-    driver = RolloutDriver(engine, pool, chat, limits=limits, script=ground_truth_reply)
+    driver = RolloutDriver(engine, pool, chat, limits=limits, script=script)
     # Multi-host: each process replays its share of the entries; every process gets them all.
     trajectories = distributed.run_shared(lambda mine: driver.run(mine, params), requests)
     bad = [(t.entry_id, t.termination, t.extras.get("progress"),
             t.extras.get("env_error") or t.extras.get("failure_reason")) for t in trajectories
-           if t.termination != "completed" or t.extras.get("progress") != 1.0]
+           if t.termination != "completed" or (script is ground_truth_reply and t.extras.get("progress") != 1.0)]
     if bad:
-        raise ValueError(f"warm start: ground-truth replays that did not complete with full progress (entry, "
-                         f"termination, progress, error): {bad[:5]}; raise rollout.max_context_tokens "
-                         f"({r.max_context_tokens}) or pick other warm_start entries")
+        raise ValueError(f"warm start: {script.__name__} replays that did not complete (the ground truth's with "
+                         f"full progress) (entry, termination, progress, error): {bad[:5]}; raise "
+                         f"rollout.max_context_tokens ({r.max_context_tokens}) or pick other warm_start entries")
     return trajectories
 
 
@@ -127,7 +131,10 @@ def warm_start(cfg, *, bundle, mesh, param_shardings, batch_sharding, params, en
     t0 = time.perf_counter()
     entry_ids = warm_start_entries(cfg)
     # params=None: the engine's own, i.e. `params` (placed on this host's devices when multi-host)
-    trajectories = ground_truth_trajectories(cfg, entry_ids, engine=engine, pool=pool, chat=chat, params=None)
+    trajectories = scripted_trajectories(cfg, entry_ids, engine=engine, pool=pool, chat=chat, params=None)
+    if ws.wrong_argument_replays:
+        trajectories += scripted_trajectories(cfg, entry_ids, engine=engine, pool=pool, chat=chat, params=None,
+                                              script=wrong_argument_reply)
     replay_s = time.perf_counter() - t0
     rows_per_micro = cfg.train.micro_batch_size
     packed = batching.pack(trajectories, np.zeros(len(trajectories), np.float32),
