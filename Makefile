@@ -16,6 +16,10 @@ export TPU_SKIP_MDS_QUERY ?= 1
 # Compile-only libtpu in several processes (pytest -n 2, parallel fit checks): skip its one-process lockfile.
 export ALLOW_MULTIPLE_LIBTPU_LOAD ?= 1
 
+# glibc malloc: keep freed blocks under 1 GiB in the heap instead of unmapping them (XLA CPU reallocates its big
+# buffers every step; the demo spent 207 of its 937 CPU seconds in page faults). tests/conftest.py sets the same.
+export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296:glibc.malloc.hugetlb=1
+
 .PHONY: venv demo test test-fast bench fit-check clean
 
 $(STAMP): pyproject.toml Makefile

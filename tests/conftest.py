@@ -9,6 +9,16 @@ os.makedirs(os.environ["BFCL_PROJECT_ROOT"], exist_ok=True)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# glibc's malloc hands every freed block over its mmap threshold (dynamic, at most 32 MiB) back to the kernel, and
+# XLA CPU frees and reallocates its buffers every step (the tiny model's [rows, 151,936] logit chunks): the demo took
+# 84 million page faults and 207 s of system time in 8:45. A 1 GiB threshold and 4 GiB trim threshold keep those
+# blocks in the heap, and hugetlb=1 backs it with transparent huge pages (0.6 million faults, 113 s, 7:17, the same
+# metrics: BENCHMARKS.md, "Test-suite time", fourteenth session);
+# the variable has to exist when a process starts, so it is set here for the xdist workers and every subprocess a
+# test starts, and in the Makefile for `make demo` / `make test`.
+os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1073741824:"
+                      "glibc.malloc.trim_threshold=4294967296:glibc.malloc.hugetlb=1")
+
 # One JAX compilation cache for the whole run, shared by the xdist workers (spawned after this module loads, they
 # inherit the variable) and by every subprocess a test starts (they copy os.environ): the end-to-end tests run the
 # tiny preset many times with the same shapes, and on two CPU cores a third to a half of such a run is XLA

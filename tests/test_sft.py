@@ -48,9 +48,10 @@ def test_warm_start_fits_ground_truth_assistant_tokens():
     from t3rl_jax.run.loop import make_engine
     from t3rl_jax.run.setup import build_setup
 
+    # Tensor 2 x data 4 still fills the 8 devices with 4-row micro-batches, 3 of them padding, not 7 (36 s, not 61).
     cfg = load_config("tiny", {"model.hidden_size": 32, "model.intermediate_size": 64, "model.head_dim": 8,
-                               "train.micro_batch_size": 8, "warm_start.steps": 8, "warm_start.lr": 1e-2,
-                               "warm_start.max_entries": 1})
+                               "mesh.tensor": 2, "train.micro_batch_size": 4, "warm_start.steps": 8,
+                               "warm_start.lr": 1e-2, "warm_start.max_entries": 1})
     assert jax.device_count() == 8
     trainer = build_setup(cfg)
     params = model_factory.init_params(cfg, trainer.bundle)

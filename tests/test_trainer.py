@@ -52,13 +52,17 @@ def test_mesh_that_does_not_fit_the_devices_is_a_config_error_not_a_traceback():
 
 
 @pytest.mark.slow
-def test_a_step_whose_every_episode_failed_in_the_environment_stops_before_any_update(tmp_path):
-    """Workers that cannot answer in time (a 1 ms step timeout): every episode fails, so the run must stop at once
-    naming the pool settings and the workers' reason, with no update and no checkpoint written."""
+def test_a_step_whose_every_episode_failed_in_the_environment_stops_before_any_update(tmp_path, monkeypatch):
+    """Workers that cannot answer in time (each request takes 0.5 s, the step timeout is 0.05 s): every episode
+    fails, so the run must stop at once naming the pool settings and the workers' reason, with no update and no
+    checkpoint written."""
+    from environments.bfcl.worker import DELAY_ENV
     from test_resume import run_tiny
 
-    run = run_tiny(tmp_path / "run", tmp_path / "splits", extra=["env.step_timeout_s=0.001"])
+    monkeypatch.setenv(DELAY_ENV, "0.5")  # read by the run's env workers (run_tiny copies os.environ)
+    run = run_tiny(tmp_path / "run", tmp_path / "splits", extra=["env.step_timeout_s=0.05"])
     assert run.returncode != 0
     assert "EnvironmentBroken: step 0: all 2 episodes failed in the environment pool (env.num_workers=2" in run.stderr
+    assert "exceeded 0.05s; worker killed" in run.stderr
     assert "first reason:" in run.stderr
     assert not [p for p in os.listdir(tmp_path / "run" / "checkpoints") if p.isdigit()]

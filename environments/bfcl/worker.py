@@ -8,6 +8,7 @@ trip and a wake-up of the parent's reader per request.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -87,8 +88,17 @@ _BATCH_SECONDS = 0.02
 _BATCH_MAX = 64
 
 
+# Tests only: every request but the start-up warm-up takes at least this long (seconds), so a pool with a shorter
+# `step_timeout_s` times out for certain. A timeout alone is a race the test can lose: under load the worker may
+# answer before the parent's monitor thread runs (seen in the suite with a 1 ms timeout).
+DELAY_ENV = "T3RL_TEST_ENV_DELAY_S"
+
+
 def _serve(table: EpisodeTable, message: tuple) -> tuple:
     request_id, op, key, args = message
+    delay = float(os.environ.get(DELAY_ENV) or 0)
+    if delay and op != "warmup":
+        time.sleep(delay)
     try:
         return (request_id, True, table.handle(op, key, args))
     except Exception as e:
