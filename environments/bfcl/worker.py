@@ -92,13 +92,13 @@ _BATCH_MAX = 64
 # `step_timeout_s` times out for certain. A timeout alone is a race the test can lose: under load the worker may
 # answer before the parent's monitor thread runs (seen in the suite with a 1 ms timeout).
 DELAY_ENV = "T3RL_TEST_ENV_DELAY_S"
+_DELAY_S = float(os.environ.get(DELAY_ENV) or 0)  # read once: workers are started with the run's environment
 
 
 def _serve(table: EpisodeTable, message: tuple) -> tuple:
     request_id, op, key, args = message
-    delay = float(os.environ.get(DELAY_ENV) or 0)
-    if delay and op != "warmup":
-        time.sleep(delay)
+    if _DELAY_S and op != "warmup":
+        time.sleep(_DELAY_S)
     try:
         return (request_id, True, table.handle(op, key, args))
     except Exception as e:
