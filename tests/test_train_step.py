@@ -63,6 +63,20 @@ def test_chunked_token_stats_equal_full_log_softmax():
     m = b["loss_mask"] > 0
     np.testing.assert_allclose(np.asarray(logp2)[m], want_logp[m], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(ent2)[m], want_ent[m], rtol=1e-5, atol=1e-5)
+    # Per length shard (context parallelism's layout): each of 4 blocks of 16 keeps its own masked positions, 3 at
+    # most here, in 3 slots; the row's other 52 positions get no logits (0).
+    sparse = np.zeros_like(b["loss_mask"])
+    sparse[0, [1, 5, 9, 17, 40, 41, 47, 63]] = 1.0
+    sparse[1, [0, 20, 33, 34]] = 1.0
+    assert loss_slots(sparse, 64, shards=4) == 16 and loss_slots(sparse, 64, shards=1) == 16
+    assert loss_slots(np.ones((2, 256)), 256, shards=4) == 64 and loss_slots(sparse, 8, shards=4) == 2
+    logp3, ent3 = token_logprobs_and_entropy(model, b["tokens"], b["positions"], b["segment_ids"], b["targets"],
+                                             sparse, temperature=0.7, seq_chunk=8, vocab_chunk=24, num_slots=3,
+                                             shards=4)
+    m = sparse > 0
+    np.testing.assert_allclose(np.asarray(logp3)[m], want_logp[m], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ent3)[m], want_ent[m], rtol=1e-5, atol=1e-5)
+    assert (np.asarray(ent3) != 0).sum(axis=1).max() == 4 * 3
 
 
 def _train_cfg(**kw):

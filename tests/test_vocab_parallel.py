@@ -129,9 +129,10 @@ CFG = Qwen3Config(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4, num
                          ids=["cp4-tied", "tp2-untied-compact"])
 def test_sharded_grpo_step_equals_single_device(shape, tied):
     """The trainer's layout (weights over fsdp x sequence, explicit embedding lookup, CP attention, vocab-parallel
-    loss): gradients and metrics of one micro-batch equal the unsharded step's."""
+    loss, logits only at loss positions, under CP compacted per sequence shard): gradients and metrics of one
+    micro-batch equal the unsharded step's."""
     cfg = dataclasses.replace(CFG, tie_word_embeddings=tied)
-    rows, length = 4, 64
+    rows, length = 4, 128
     mesh = sh.make_mesh(dict(zip(sh.MESH_AXES, shape)))
     rules = sh.logical_axis_rules(fsdp_over_sequence=True)
     plain_model = Qwen3(cfg, rngs=nnx.Rngs(0))
@@ -151,22 +152,22 @@ def test_sharded_grpo_step_equals_single_device(shape, tied):
     mb = {"tokens": rng.integers(0, cfg.vocab_size, (rows, length)).astype(np.int32),
           "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)), "segment_ids": segment_ids,
           "targets": rng.integers(0, cfg.vocab_size, (rows, length)).astype(np.int32),
-          "loss_mask": (rng.random((rows, length)) < 0.3).astype(np.float32) * (segment_ids > 0),
+          "loss_mask": (rng.random((rows, length)) < 0.15).astype(np.float32) * (segment_ids > 0),
           "rollout_logprobs": -rng.random((rows, length)).astype(np.float32),
           "advantages": rng.standard_normal((rows, length)).astype(np.float32)}
     old = mb["rollout_logprobs"] + 0.05 * rng.standard_normal((rows, length)).astype(np.float32)
     denominator = np.float32(mb["loss_mask"].sum())
     cp_size = mesh.shape["sequence"]
-    # As the trainer: logits only at loss positions (compact) unless the sequence is split.
-    settings = StepSettings(LossSettings(entropy_coef=0.01), temperature=0.8, seq_chunk=8,
-                            compact_logits=cp_size == 1)
+    settings = StepSettings(LossSettings(entropy_coef=0.01), temperature=0.8, seq_chunk=8)
 
     plain = GRPOStep(plain_model, None, settings, donate=False)
     want_g, want_m = plain.functions_for(plain.slots_for(mb))[1](params, mb, old, old, denominator, np.bool_(False))
     sharded = GRPOStep(sharded_model, None, settings, param_shardings=param_sh, batch_sharding=batch_sh,
                        donate=False)
-    assert (plain.slots_for(mb) or length) < length or cp_size > 1  # the compact path is exercised
     lb = {k: cp.to_load_balanced(v, cp_size) for k, v in mb.items()}
+    # Both take the compact path: fewer logit positions than tokens, per row and per sequence shard.
+    assert sharded.length_shards == cp_size and plain.slots_for(mb) < length
+    assert sharded.slots_for(lb) < length // cp_size
     got_g, got_m = sharded.functions_for(sharded.slots_for(lb))[1](params, lb, cp.to_load_balanced(old, cp_size),
                                                                    cp.to_load_balanced(old, cp_size), denominator,
                                                                    np.bool_(False))

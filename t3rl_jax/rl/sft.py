@@ -107,8 +107,8 @@ def make_sft_step(bundle, optimizer, *, param_shardings, batch_sharding, num_slo
         model = bundle.train_model(params)
         logp, _ = token_logprobs_and_entropy(
             model, mb["tokens"], mb["positions"], mb["segment_ids"], mb["targets"], mb["loss_mask"],
-            temperature=1.0, seq_chunk=SEQ_CHUNK, vocab_chunk=VOCAB_CHUNK,
-            num_slots=num_slots if cp == 1 else None, vocab_parallel=vocab_parallel)
+            temperature=1.0, seq_chunk=SEQ_CHUNK, vocab_chunk=VOCAB_CHUNK, num_slots=num_slots,
+            vocab_parallel=vocab_parallel, shards=cp, token_sharding=batch_sharding)
         return sft_loss(logp, mb["loss_mask"])
 
     def step(params, opt_state, mb):
@@ -155,7 +155,7 @@ def warm_start(cfg, *, bundle, mesh, param_shardings, batch_sharding, params, en
                                              bundle.abstract_params, param_shardings, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     step = make_sft_step(bundle, optimizer, param_shardings=param_shardings, batch_sharding=batch_sharding,
-                         num_slots=loss_slots(arrays["loss_mask"], arrays["tokens"].shape[1]), cp=cp,
+                         num_slots=loss_slots(arrays["loss_mask"], arrays["tokens"].shape[1], cp), cp=cp,
                          opt_shardings=opt_shardings)
     params = jax.tree.map(lambda x: x.copy(), params)  # the step donates its input; the caller's arrays stay
     metrics = []

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +31,7 @@ from t3rl_jax.rl.aggregation import aggregation_denominator
 from t3rl_jax.rl.entropy import logprobs_and_entropy_chunked
 from t3rl_jax.rl.grpo import LossSettings, grpo_loss
 from t3rl_jax.rl.vocab_parallel import VocabParallelLogprobs
+from t3rl_jax.sharding import spec_axes
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "targets", "loss_mask", "rollout_logprobs", "advantages")
 
@@ -40,8 +43,8 @@ class StepSettings:
     seq_chunk: int = 1024         # tokens per row per logits chunk (its f32 logits: the loss's largest temporary)
     vocab_chunk: int = 16384      # vocabulary slice inside a chunk
     old_logprobs: str = "trainer"  # "trainer": recomputed before the update; "rollout": the engine's own
-    compact_logits: bool = True   # logits only at loss positions (off under context parallelism: the gather
-                                  # would collect the sequence-sharded activations on every device)
+    compact_logits: bool = True   # logits only at loss positions (under context parallelism each device
+                                  # compacts its own block of the sequence: no activations move)
 
     def __post_init__(self):
         if self.old_logprobs not in ("trainer", "rollout"):
@@ -79,14 +82,75 @@ def micro_batch(batch: dict, num_micro_batches: int) -> dict:
     return out
 
 
-def loss_slots(loss_mask, length: int) -> int:
-    """Static number of positions per row that get logits: the most masked targets in any row, rounded up to a
-    power of two (few compilations), capped at the row length."""
-    most = int(np.max(np.sum(np.asarray(loss_mask) > 0, axis=-1))) if np.size(loss_mask) else 0
+def loss_slots(loss_mask, length: int, shards: int = 1) -> int:
+    """Static number of positions that get logits in each of a row's `shards` blocks (one per context-parallel
+    device; the mask's last axis split evenly): the most masked targets in any block, rounded up to a power of two
+    (few compilations), capped at `length / shards`."""
+    mask = np.asarray(loss_mask) > 0
+    if mask.shape[-1] % shards or length % shards:
+        raise ValueError(f"row length {mask.shape[-1]} (cap {length}) does not split into {shards} length shards")
+    blocks = mask.reshape(*mask.shape[:-1], shards, mask.shape[-1] // shards)
+    most = int(blocks.sum(axis=-1).max()) if mask.size else 0
     slots = 1
     while slots < most:
         slots *= 2
-    return min(max(slots, 16), length)
+    return min(max(slots, 16), length // shards)
+
+
+def length_shards(batch_sharding) -> int:
+    """How many devices split the length of a [rows, length] batch (the context-parallel degree; 1 unsharded)."""
+    if not isinstance(batch_sharding, NamedSharding) or len(batch_sharding.spec) < 2:
+        return 1
+    return math.prod(batch_sharding.mesh.shape[a] for a in spec_axes(batch_sharding.spec[1]))
+
+
+def _compact_rows(hidden, targets, loss_mask, num_slots: int):
+    """Per row: its first `num_slots` positions ordered masked-first -> (hidden, targets, order)."""
+    order = jnp.argsort(loss_mask <= 0, axis=1, stable=True)[:, :num_slots]
+    return (jnp.take_along_axis(hidden, order[..., None], axis=1), jnp.take_along_axis(targets, order, axis=1),
+            order)
+
+
+def _expand_rows(values, order, length: int):
+    row = jnp.arange(values.shape[0])[:, None]
+    return jnp.zeros((values.shape[0], length), values.dtype).at[row, order].set(values, unique_indices=True)
+
+
+def _per_shard(fn, arrays, shards: int, token_sharding):
+    """`fn` on each row's `shards` contiguous length blocks as rows of their own, results concatenated per row.
+    With a length-sharded `token_sharding` (context parallelism) each device runs `fn` on the blocks it holds
+    (`shard_map`), so nothing moves between devices by construction. Left to the SPMD partitioner (the same
+    gathers vmapped over the blocks), test_resume's 8-device CPU program deadlocked in its collectives whenever it
+    was loaded from the compilation cache (devices waiting at different collectives)."""
+    if shards == 1:
+        return fn(*arrays)
+    if isinstance(token_sharding, NamedSharding):
+        rows_axes, length_axes = token_sharding.spec[0], token_sharding.spec[1]
+        specs = tuple(PartitionSpec(rows_axes, length_axes, *([None] * (a.ndim - 2))) for a in arrays)
+        out = jax.eval_shape(fn, *(jax.ShapeDtypeStruct((a.shape[0], a.shape[1] // shards, *a.shape[2:]), a.dtype)
+                                   for a in arrays))
+        out_specs = jax.tree.map(lambda o: PartitionSpec(rows_axes, length_axes, *([None] * (o.ndim - 2))), out)
+        return jax.shard_map(fn, mesh=token_sharding.mesh, in_specs=specs, out_specs=out_specs,
+                             check_vma=False)(*arrays)
+    rows = arrays[0].shape[0]
+    split = lambda a: a.reshape(rows * shards, a.shape[1] // shards, *a.shape[2:])  # noqa: E731
+    return jax.tree.map(lambda o: o.reshape(rows, shards * o.shape[1], *o.shape[2:]), fn(*map(split, arrays)))
+
+
+def compact_to_loss_slots(hidden, targets, loss_mask, num_slots: int, shards: int = 1, token_sharding=None):
+    """(hidden [rows, shards * num_slots, E], targets, order [rows, shards * num_slots]): in each of a row's `shards`
+    contiguous length blocks (its context-parallel shards), the block's first `num_slots` positions ordered
+    masked-first (every masked target is among them when `num_slots` comes from `loss_slots`); `order` holds
+    positions within the block."""
+    return _per_shard(functools.partial(_compact_rows, num_slots=num_slots), (hidden, targets, loss_mask), shards,
+                      token_sharding)
+
+
+def expand_from_loss_slots(values, order, length: int, shards: int = 1, token_sharding=None):
+    """Inverse of `compact_to_loss_slots` for per-slot values [rows, shards * num_slots] -> [rows, length], 0 at
+    the positions that got no logits."""
+    return _per_shard(functools.partial(_expand_rows, length=length // shards), (values, order), shards,
+                      token_sharding)
 
 
 def output_weight(model):
@@ -113,13 +177,14 @@ def _chunk_width(width: int, seq_chunk: int, multiple: int) -> int | None:
 
 def token_logprobs_and_entropy(model, tokens, positions, segment_ids, targets, loss_mask=None, *,
                                temperature: float, seq_chunk: int, vocab_chunk: int, num_slots: int | None = None,
-                               vocab_parallel: VocabParallelLogprobs | None = None):
+                               vocab_parallel: VocabParallelLogprobs | None = None, shards: int = 1,
+                               token_sharding: NamedSharding | None = None):
     """Log-prob of each target token and the entropy of each position's distribution, both [rows, length].
 
-    With `num_slots`, logits are computed only at the first `num_slots` positions of each row ordered masked-first:
-    every masked target is among them (the caller sizes `num_slots` from the mask), and the vocabulary projection,
-    by far the largest cost for long prompts with short replies, runs on those positions alone. Values at other
-    positions are 0 and must be masked by the caller.
+    With `num_slots`, logits are computed only at the first `num_slots` positions of each of the row's `shards`
+    blocks (its context-parallel shards) ordered masked-first: every masked target is among them (the caller sizes
+    `num_slots` with `loss_slots`), and the vocabulary projection, by far the largest cost for long prompts with
+    short replies, runs on those positions alone. Values at other positions are 0 and must be masked by the caller.
 
     With `vocab_parallel` (a sharded output weight), each chunk's projection is split over the vocabulary across
     the devices that shard the weight instead of gathering the whole weight on each (`rl/vocab_parallel.py`).
@@ -127,10 +192,8 @@ def token_logprobs_and_entropy(model, tokens, positions, segment_ids, targets, l
     hidden = model.hidden_states(tokens, positions, segment_ids)
     rows, length, embed = hidden.shape
     order = None
-    if num_slots is not None and num_slots < length:
-        order = jnp.argsort(loss_mask <= 0, axis=1, stable=True)[:, :num_slots]
-        hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
-        targets = jnp.take_along_axis(targets, order, axis=1)
+    if num_slots is not None and num_slots < length // shards:
+        hidden, targets, order = compact_to_loss_slots(hidden, targets, loss_mask, num_slots, shards, token_sharding)
     width = hidden.shape[1]
     # Equal chunks (no padded copy of the activations); the vocab-parallel path also needs every chunk split
     # evenly over the length shards, and falls back to the plain projection when the width allows no such chunk.
@@ -139,7 +202,7 @@ def token_logprobs_and_entropy(model, tokens, positions, segment_ids, targets, l
         chunk = _chunk_width(width, seq_chunk, vocab_parallel.token_multiple[1])
     if chunk is None:
         vocab_parallel = None
-        chunk = _chunk_width(width, seq_chunk, 1)
+        chunk = _chunk_width(width, seq_chunk, shards) or _chunk_width(width, seq_chunk, 1)
     n = width // chunk
     # Strided chunks (chunk i holds tokens i, i+n, i+2n, ...): under context parallelism every chunk is spread
     # evenly over the sequence shards, so chunking moves no activations between devices.
@@ -163,9 +226,8 @@ def token_logprobs_and_entropy(model, tokens, positions, segment_ids, targets, l
     logp, ent = (x.transpose(1, 2, 0).reshape(rows, width) for x in (logp, ent))
     if order is None:
         return logp, ent
-    row = jnp.arange(rows)[:, None]
-    scatter = lambda v: jnp.zeros((rows, length), v.dtype).at[row, order].set(v)  # noqa: E731
-    return scatter(logp), scatter(ent)
+    return (expand_from_loss_slots(logp, order, length, shards, token_sharding),
+            expand_from_loss_slots(ent, order, length, shards, token_sharding))
 
 
 class GRPOStep:
@@ -182,6 +244,7 @@ class GRPOStep:
         self.settings = settings
         self._shardings = (param_shardings, opt_shardings, batch_sharding)
         self.vocab_parallel = vocab_parallel_for(model, param_shardings, batch_sharding)
+        self.length_shards = length_shards(batch_sharding)
         self._compiled: dict = {}
         self._apply = jax.jit(self._apply_impl, in_shardings=(param_shardings, opt_shardings, param_shardings),
                               out_shardings=(param_shardings, opt_shardings, None),
@@ -190,7 +253,7 @@ class GRPOStep:
     def slots_for(self, batch: dict) -> int | None:
         if not self.settings.compact_logits:
             return None
-        return loss_slots(batch["loss_mask"], batch["tokens"].shape[-1])
+        return loss_slots(batch["loss_mask"], batch["tokens"].shape[-1], self.length_shards)
 
     def functions_for(self, num_slots: int | None):
         """(logprobs, first_grad, accumulate_grad) compiled for one static number of logit positions per row.
@@ -218,7 +281,8 @@ class GRPOStep:
         return token_logprobs_and_entropy(self._model(params), mb["tokens"], mb["positions"], mb["segment_ids"],
                                           mb["targets"], mb["loss_mask"], temperature=s.temperature,
                                           seq_chunk=s.seq_chunk, vocab_chunk=s.vocab_chunk, num_slots=num_slots,
-                                          vocab_parallel=self.vocab_parallel)
+                                          vocab_parallel=self.vocab_parallel, shards=self.length_shards,
+                                          token_sharding=self._shardings[2])
 
     def _logprobs_impl(self, params, mb, *, num_slots):
         return self._stats(params, mb, num_slots)[0]

@@ -94,7 +94,7 @@ def build_setup(cfg, *, devices=None) -> RunSetup:
     batch_sharding = NamedSharding(mesh, sh.logical_to_spec(("batch", "length"), rules, mesh=mesh))
     step_settings = StepSettings(LossSettings.from_algo_config(cfg.algo),
                                  temperature=max(cfg.rollout.temperature, 1e-6),
-                                 old_logprobs=cfg.algo.old_logprobs, compact_logits=cp == 1)
+                                 old_logprobs=cfg.algo.old_logprobs)
     abstract_opt = jax.eval_shape(optimizer.init, bundle.abstract_params)
     opt_shardings = sh.optax_state_shardings(abstract_opt, bundle.abstract_params, bundle.param_shardings, mesh)
     abstract_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
