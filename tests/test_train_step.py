@@ -70,6 +70,10 @@ def test_chunked_token_stats_equal_full_log_softmax():
     sparse[1, [0, 20, 33, 34]] = 1.0
     assert loss_slots(sparse, 64, shards=4) == 16 and loss_slots(sparse, 64, shards=1) == 16
     assert loss_slots(np.ones((2, 256)), 256, shards=4) == 64 and loss_slots(sparse, 8, shards=4) == 2
+    # Fixed data (the warm start): the exact need rounded to a multiple, not a power of two.
+    assert loss_slots(np.ones((2, 300)), 300, multiple=32) == 300
+    assert loss_slots(np.ones((1, 130)), 512, multiple=32) == 160
+    assert loss_slots(sparse, 64, shards=4, multiple=2) == 4 and loss_slots(np.zeros((1, 64)), 64, multiple=32) == 32
     logp3, ent3 = token_logprobs_and_entropy(model, b["tokens"], b["positions"], b["segment_ids"], b["targets"],
                                              sparse, temperature=0.7, seq_chunk=8, vocab_chunk=24, num_slots=3,
                                              shards=4)

@@ -42,6 +42,11 @@ def sft_loss(logprobs, loss_mask):
 
 
 ROW_MULTIPLE = 512
+# Logit positions per row: the warm start's micro-batches never change, so their slot count is the exact need
+# rounded to this, not GRPO's power of two: the demo's rows get 160 slots instead of 256, and its SFT step (2
+# rows of 4,096 tokens, the vocabulary projection over 151,936 ids at every slot) took 1.76 s instead of 2.05
+# (medians of 8 alternated steps, BENCHMARKS.md "Test-suite time", fifteenth session).
+SLOT_MULTIPLE = 32
 
 
 def sft_row_length(trajectories, max_seq_len: int) -> int:
@@ -137,8 +142,8 @@ def warm_start(cfg, *, bundle, mesh, param_shardings, batch_sharding, params, en
                                               script=wrong_argument_reply)
     replay_s = time.perf_counter() - t0
     rows_per_micro = cfg.train.micro_batch_size
-    packed = batching.pack(trajectories, np.zeros(len(trajectories), np.float32),
-                           row_length=sft_row_length(trajectories, cfg.train.max_seq_len),
+    row_length = sft_row_length(trajectories, cfg.train.max_seq_len)
+    packed = batching.pack(trajectories, np.zeros(len(trajectories), np.float32), row_length=row_length,
                            pad_rows_to_multiple=rows_per_micro)
     arrays = packed.as_dict()
     cp = mesh.shape.get("sequence", 1)
@@ -154,9 +159,9 @@ def warm_start(cfg, *, bundle, mesh, param_shardings, batch_sharding, params, en
     opt_shardings = sh.optax_state_shardings(jax.eval_shape(optimizer.init, bundle.abstract_params),
                                              bundle.abstract_params, param_shardings, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    slots = loss_slots(arrays["loss_mask"], row_length, cp, multiple=SLOT_MULTIPLE)
     step = make_sft_step(bundle, optimizer, param_shardings=param_shardings, batch_sharding=batch_sharding,
-                         num_slots=loss_slots(arrays["loss_mask"], arrays["tokens"].shape[1], cp), cp=cp,
-                         opt_shardings=opt_shardings)
+                         num_slots=slots, cp=cp, opt_shardings=opt_shardings)
     params = jax.tree.map(lambda x: x.copy(), params)  # the step donates its input; the caller's arrays stay
     metrics = []
     until = float(ws.until_loss)
@@ -172,5 +177,8 @@ def warm_start(cfg, *, bundle, mesh, param_shardings, batch_sharding, params, en
     engine.update_params(params)
     if metrics:
         metrics[-1].update({"warm_start/entries": float(len(entry_ids)), "warm_start/replay_s": replay_s,
-                            "warm_start/seconds": time.perf_counter() - t0})
+                            "warm_start/seconds": time.perf_counter() - t0,
+                            "warm_start/row_length": float(row_length),
+                            "warm_start/longest_trajectory": float(max(t.length for t in trajectories)),
+                            "warm_start/logit_slots": float(slots)})
     return params, metrics

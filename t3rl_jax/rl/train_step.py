@@ -82,19 +82,24 @@ def micro_batch(batch: dict, num_micro_batches: int) -> dict:
     return out
 
 
-def loss_slots(loss_mask, length: int, shards: int = 1) -> int:
+def loss_slots(loss_mask, length: int, shards: int = 1, multiple: int | None = None) -> int:
     """Static number of positions that get logits in each of a row's `shards` blocks (one per context-parallel
     device; the mask's last axis split evenly): the most masked targets in any block, rounded up to a power of two
-    (few compilations), capped at `length / shards`."""
+    (few compilations across steps whose replies vary) or, with `multiple`, to a multiple of it (data that never
+    changes, like the warm start's, compiles once anyway), capped at `length / shards`."""
     mask = np.asarray(loss_mask) > 0
     if mask.shape[-1] % shards or length % shards:
         raise ValueError(f"row length {mask.shape[-1]} (cap {length}) does not split into {shards} length shards")
     blocks = mask.reshape(*mask.shape[:-1], shards, mask.shape[-1] // shards)
     most = int(blocks.sum(axis=-1).max()) if mask.size else 0
-    slots = 1
-    while slots < most:
-        slots *= 2
-    return min(max(slots, 16), length // shards)
+    if multiple:
+        slots = max(-(-most // multiple) * multiple, multiple)
+    else:
+        slots = 1
+        while slots < most:
+            slots *= 2
+        slots = max(slots, 16)
+    return min(slots, length // shards)
 
 
 def length_shards(batch_sharding) -> int:
