@@ -28,7 +28,8 @@ from t3rl_jax import distributed
 from t3rl_jax import sharding as sh
 from t3rl_jax.evaluation import category_of
 from t3rl_jax.rl import batching
-from t3rl_jax.rl.train_step import loss_slots, micro_batch, token_logprobs_and_entropy, vocab_parallel_for
+from t3rl_jax.rl.train_step import (length_shards, loss_slots, micro_batch, token_logprobs_and_entropy,
+                                    vocab_parallel_for)
 from t3rl_jax.rollout.driver import EpisodeRequest, RolloutDriver, RolloutLimits
 from t3rl_jax.rollout.scripted import ground_truth_reply, wrong_argument_reply
 
@@ -113,7 +114,7 @@ def make_sft_step(bundle, optimizer, *, param_shardings, batch_sharding, num_slo
         logp, _ = token_logprobs_and_entropy(
             model, mb["tokens"], mb["positions"], mb["segment_ids"], mb["targets"], mb["loss_mask"],
             temperature=1.0, seq_chunk=SEQ_CHUNK, vocab_chunk=VOCAB_CHUNK, num_slots=num_slots,
-            vocab_parallel=vocab_parallel, shards=cp, token_sharding=batch_sharding)
+            vocab_parallel=vocab_parallel, shards=length_shards(batch_sharding), token_sharding=batch_sharding)
         return sft_loss(logp, mb["loss_mask"])
 
     def step(params, opt_state, mb):
@@ -159,7 +160,7 @@ def warm_start(cfg, *, bundle, mesh, param_shardings, batch_sharding, params, en
     opt_shardings = sh.optax_state_shardings(jax.eval_shape(optimizer.init, bundle.abstract_params),
                                              bundle.abstract_params, param_shardings, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    slots = loss_slots(arrays["loss_mask"], row_length, cp, multiple=SLOT_MULTIPLE)
+    slots = loss_slots(arrays["loss_mask"], row_length, length_shards(batch_sharding), multiple=SLOT_MULTIPLE)
     step = make_sft_step(bundle, optimizer, param_shardings=param_shardings, batch_sharding=batch_sharding,
                          num_slots=slots, cp=cp, opt_shardings=opt_shardings)
     params = jax.tree.map(lambda x: x.copy(), params)  # the step donates its input; the caller's arrays stay
